@@ -1,0 +1,1 @@
+"""The serving engine: scheduler, pipeline executor, sampling, and the user-facing API."""
