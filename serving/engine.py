@@ -1,0 +1,515 @@
+"""The engine loop: continuous batching over a pipeline of stages, with live reconfiguration.
+
+`Engine.step()` is one iteration: advance a reconfiguration that is in flight (at this step
+boundary), schedule, build the packed batch, run the stages, sample, stream. The engine is
+single-threaded by design; `start()` runs the loop on its own thread for servers, and every
+public method is safe to call from other threads (one lock guards the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from pipelive_jax.errors import ConfigError, ReconfigError, RequestError
+from pipelive_jax.kernels import BACKENDS, default_backend
+from pipelive_jax.kv.pages import PageTable
+from pipelive_jax.kv.pools import StagePools
+from pipelive_jax.memory import DeviceBudget, ModelShape, max_pages, round_capacity, stage_extra_bytes
+from pipelive_jax.models.llama import ModelDefs, split_model
+from pipelive_jax.models.registry import LoadedModel
+from pipelive_jax.plan import PipelinePlan, parse_plan
+from pipelive_jax.serving.pipeline import (
+    BatchShape,
+    CompileCache,
+    PipelineExecutor,
+    StageRuntime,
+    StepBatch,
+    bucket,
+    kv_spec_for,
+    place_stage_params,
+)
+from pipelive_jax.serving.request import Request, RequestOutput, RequestState
+from pipelive_jax.serving.sampling import SamplingParams, sample_token
+from pipelive_jax.serving.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+
+
+@dataclass
+class EngineConfig:
+    """Engine options (also the `**engine_options` of `LLM`).
+
+    num_pages: KV capacity per stage (pages, page 0 included): an int for every stage or a
+      list per stage. When None, it comes from `device_memory_bytes` by the admission rule
+      (DESIGN.md §4), or defaults to 512.
+    device_memory_bytes: budget per device: an int for all, or {device id: bytes}.
+    kv_resize: False pools stages once for the most layers they may hold (the no-resize baseline).
+    """
+
+    page_size: int = 16
+    num_pages: int | list[int] | None = None
+    device_memory_bytes: int | dict[int, int] | None = None
+    memory_utilization: float = 0.9
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 1024
+    backend: str | None = None
+    num_microbatches: int = 1
+    kv_resize: bool = True
+    page_granule: int = 16
+
+    def __post_init__(self) -> None:
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
+        if self.num_microbatches < 1:
+            raise ConfigError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ConfigError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
+
+    def budget(self, device: int) -> DeviceBudget | None:
+        m = self.device_memory_bytes
+        if m is None:
+            return None
+        if isinstance(m, dict):
+            if device not in m:
+                raise ConfigError(f"device_memory_bytes has no entry for device {device}")
+            m = m[device]
+        return DeviceBudget(device=device, memory_bytes=int(m), utilization=self.memory_utilization)
+
+
+def model_shape(defs: ModelDefs) -> ModelShape:
+    cfg = defs.cfg
+    return ModelShape(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        tie_embeddings=cfg.tie_embeddings,
+        dtype_bytes=cfg.jnp_dtype.itemsize,
+    )
+
+
+class Engine:
+    """A serving engine over one model and a pipeline plan.
+
+    Public surface: `add_request`, `step`, `has_unfinished`, `abort`, `stream`, `reconfigure`,
+    `status`, `start`/`stop` (background loop).
+    """
+
+    def __init__(self, loaded: LoadedModel, plan: Any = None, config: EngineConfig | None = None, **options: Any) -> None:
+        if config is None:
+            try:
+                config = EngineConfig(**options)
+            except TypeError as e:
+                raise ConfigError(f"unknown engine option: {e}") from e
+        elif options:
+            raise ConfigError("pass either config= or engine options, not both")
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.devices = jax.devices()
+        self.backend = config.backend or default_backend()
+        defs, embed, states, head = split_model(loaded.model)
+        self.defs = defs
+        self.shape = model_shape(defs)
+        # The weights as loaded: where stages take their layers from at start-up and restart.
+        self._weights = (embed, states, head)
+        self.plan = parse_plan(plan, num_layers=defs.cfg.num_layers, num_devices=len(self.devices))
+        self.kv_spec = kv_spec_for(defs, config.page_size)
+        self.cache = CompileCache(defs, self.backend)
+        self.executor = PipelineExecutor(defs, self._build_stages(self.plan), self.cache)
+        self.scheduler = Scheduler(config.scheduler, self.executor.page_tables)
+        self._check_capacity()
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._subscribers: dict[str, list[Callable[[RequestOutput], None]]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.reconfig: Any = None  # the ReconfigController in flight, if any
+        self.reconfig_history: list[Any] = []
+        self.step_count = 0
+        self.last_step_end: float | None = None
+        self.step_hooks: list[Callable[[Engine], None]] = []
+
+    # ------------------------------------------------------------------ stages
+
+    def pages_for_stage(self, plan: PipelinePlan, index: int) -> int:
+        """KV capacity of stage `index` of `plan` under the engine's options."""
+        c = self.config
+        if c.num_pages is not None:
+            if isinstance(c.num_pages, list):
+                if len(c.num_pages) != plan.num_stages:
+                    raise ConfigError(
+                        f"num_pages lists {len(c.num_pages)} stages but the plan has {plan.num_stages}"
+                    )
+                return int(c.num_pages[index])
+            return int(c.num_pages)
+        spec = plan.stages[index]
+        budget = c.budget(spec.devices[0])
+        if budget is None:
+            return 512
+        layers = spec.num_layers
+        if not c.kv_resize:
+            # The no-resize baseline: size once for the most layers this stage may ever hold.
+            layers = self.shape.num_layers
+        pages = max_pages(budget, self.shape, layers, c.page_size, stage_extra_bytes(self.shape, plan, index))
+        return round_capacity(pages, c.page_granule)
+
+    def _build_stages(self, plan: PipelinePlan, num_pages: list[int] | None = None) -> list[StageRuntime]:
+        embed, states, head = self._weights
+        stages = []
+        for i, spec in enumerate(plan.stages):
+            dev = self.devices[spec.devices[0]]
+            n_pages = num_pages[i] if num_pages is not None else self.pages_for_stage(plan, i)
+            if n_pages < 2:
+                raise ConfigError(
+                    f"stage {i} on device {spec.devices[0]} has room for no KV pages; "
+                    "raise device_memory_bytes or give num_pages"
+                )
+            stages.append(
+                StageRuntime(
+                    index=i,
+                    spec=spec,
+                    device=dev,
+                    params=place_stage_params(embed, states, head, spec, plan.num_layers, dev),
+                    pools=StagePools(self.kv_spec, n_pages, dev, spec.layers),
+                    pages=PageTable(n_pages, self.config.page_size),
+                    is_first=i == 0,
+                    is_last=i == plan.num_stages - 1,
+                )
+            )
+        return stages
+
+    def _check_capacity(self) -> None:
+        need = -(-self.config.max_model_len // self.config.page_size)
+        for st in self.executor.stages:
+            if st.pages.num_pages - 1 < need:
+                raise ConfigError(
+                    f"stage {st.index} has {st.pages.num_pages - 1} usable KV pages but one "
+                    f"request of max_model_len={self.config.max_model_len} needs {need}; lower "
+                    "max_model_len or give more pages"
+                )
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queues a request; returns its id. Raises RequestError for bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        ids = self.encode_prompt(prompt)
+        with self._lock:
+            rid = request_id if request_id is not None else str(next(self._ids))
+            if rid in self.requests and not self.requests[rid].finished:
+                raise RequestError(f"request id {rid!r} is already in use")
+            req = Request(rid, ids, params)
+            self.requests[rid] = req
+            self.scheduler.add(req)
+        self._wake.set()
+        return rid
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: give prompt token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list | tuple | np.ndarray):
+            ids = [int(t) for t in prompt]
+            if any(not (0 <= t < self.defs.cfg.vocab_size) for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {self.defs.cfg.vocab_size})")
+        else:
+            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.config.max_model_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.config.max_model_len}"
+            )
+        return ids
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_unfinished() or self.reconfig is not None
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request now and frees its pages; False if it is unknown or already finished."""
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None or req.finished:
+                return False
+            self.scheduler.finish(req, "abort")
+            self._publish(req)
+            return True
+
+    def get_output(self, request_id: str) -> RequestOutput:
+        return self.requests[request_id].to_output()
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the requests that advanced (or finished) in it."""
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        if self.reconfig is not None:
+            self.reconfig.before_step()
+        for hook in self.step_hooks:
+            hook(self)
+        sched = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        if sched:
+            outputs = self._run(sched)
+            self.step_count += 1
+        self.last_step_end = time.perf_counter()
+        if self.reconfig is not None:
+            self.reconfig.after_step()
+        return outputs
+
+    def _run(self, sched: list[ScheduledSeq]) -> list[RequestOutput]:
+        k = min(self.config.num_microbatches, len(sched))
+        groups = [list(g) for g in np.array_split(np.array(sched, dtype=object), k)] if k > 1 else [sched]
+        batches = [self._build_batch(g) for g in groups]
+        results = self.executor.run(batches)
+        now_outputs: list[RequestOutput] = []
+        for group, res in zip(groups, results, strict=True):
+            logits, argmax = res.fetch()
+            now = time.perf_counter()
+            for i, s in enumerate(group):
+                req = s.request
+                req.new_ids = []
+                req.num_computed = s.start + s.num_tokens
+                if s.completes_prompt:
+                    if req.params.greedy:
+                        tok = int(argmax[i])
+                    else:
+                        assert logits is not None
+                        tok = sample_token(logits[i], req.params, req.rng)
+                    self._append_token(req, tok, now)
+                    now_outputs.append(req.to_output())
+                    self._publish(req)
+        return now_outputs
+
+    def _build_batch(self, seqs: list[ScheduledSeq]) -> StepBatch:
+        c = self.config
+        n = len(seqs)
+        t = sum(s.num_tokens for s in seqs)
+        max_q = max(s.num_tokens for s in seqs)
+        max_pages_per_seq = -(-c.max_model_len // c.page_size)
+        owned = max(len(self.executor.stages[0].pages.pages[s.request.request_id]) for s in seqs)
+        n_b = bucket(n, 4, c.max_num_seqs)
+        t_b = bucket(t, max(8, n_b))
+        shape = BatchShape(
+            num_tokens=t_b,
+            max_seqs=n_b,
+            pages_per_seq=bucket(owned, 4, max_pages_per_seq),
+            max_q_len=bucket(max_q, 1, t_b),
+        )
+        tokens = np.zeros(t_b, np.int32)
+        positions = np.zeros(t_b, np.int32)
+        cu = np.zeros(n_b + 1, np.int32)
+        kv_lens = np.zeros(n_b, np.int32)
+        logits_idx = np.zeros(n_b, np.int32)
+        off = 0
+        for i, s in enumerate(seqs):
+            all_toks = s.request.all_tokens
+            tokens[off : off + s.num_tokens] = all_toks[s.start : s.start + s.num_tokens]
+            positions[off : off + s.num_tokens] = np.arange(s.start, s.start + s.num_tokens)
+            off += s.num_tokens
+            cu[i + 1] = off
+            kv_lens[i] = s.start + s.num_tokens
+            logits_idx[i] = off - 1
+        cu[n + 1 :] = off
+        rids = [s.request.request_id for s in seqs] + [None] * (n_b - n)
+        slot_maps, tables = [], []
+        for st in self.executor.stages:
+            sm = np.full(t_b, -1, np.int32)
+            o = 0
+            for s in seqs:
+                sm[o : o + s.num_tokens] = st.pages.slots(s.request.request_id, s.start, s.num_tokens)
+                o += s.num_tokens
+            slot_maps.append(sm)
+            tables.append(st.pages.block_table(rids, shape.pages_per_seq))
+        return StepBatch(
+            shape=shape,
+            token_ids=tokens,
+            positions=positions,
+            cu_q_lens=cu,
+            kv_lens=kv_lens,
+            num_seqs=np.array(n, np.int32),
+            logits_indices=logits_idx,
+            slot_mapping=slot_maps,
+            block_tables=tables,
+            greedy=all(s.request.params.greedy for s in seqs),
+        )
+
+    def _append_token(self, req: Request, tok: int, now: float) -> None:
+        p = req.params
+        req.output_ids.append(tok)
+        req.new_ids.append(tok)
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.token_times.append(now)
+        if self.tokenizer is not None:
+            req.text = self.tokenizer.decode(req.output_ids)
+        reason = None
+        eos = self.defs.cfg.eos_token_id
+        if not p.ignore_eos and eos is not None and tok == eos:
+            reason = "stop"
+        elif tok in p.stop_token_ids:
+            reason = "stop"
+        elif p.stop and self.tokenizer is not None:
+            for s in p.stop:
+                idx = req.text.find(s)
+                if idx >= 0:
+                    req.text = req.text[:idx]
+                    reason = "stop"
+                    break
+        if reason is None and (
+            len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+
+    # ------------------------------------------------------------------ streaming
+
+    def _publish(self, req: Request) -> None:
+        for cb in self._subscribers.get(req.request_id, []):
+            cb(req.to_output())
+        if req.finished:
+            self._subscribers.pop(req.request_id, None)
+
+    def subscribe(self, request_id: str, callback: Callable[[RequestOutput], None]) -> None:
+        with self._lock:
+            self._subscribers.setdefault(request_id, []).append(callback)
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields a request's output each time it advances, until it finishes.
+
+        With the background loop running (`start()`), this only waits; otherwise it drives
+        `step()` itself in a worker thread, so several streams can share one engine.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = self.add_request(prompt, params)
+        self.subscribe(rid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        try:
+            while True:
+                if self._thread is None:
+                    while queue.empty():
+                        await asyncio.to_thread(self.step)
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            req = self.requests.get(rid)
+            if req is not None and not req.finished:
+                self.abort(rid)
+
+    # ------------------------------------------------------------------ background loop
+
+    def start(self) -> None:
+        """Runs the engine loop on its own thread (for servers)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="pipelive-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.has_unfinished():
+                self.step()
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def stop(self, *, drain: bool = False, timeout: float = 30.0) -> None:
+        """Stops the background loop; `drain` first lets in-flight requests finish (up to timeout)."""
+        if drain:
+            deadline = time.monotonic() + timeout
+            while self.scheduler.has_unfinished() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            self._thread = None
+        with self._lock:
+            for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self.scheduler.finish(req, "abort")
+                self._publish(req)
+
+    # ------------------------------------------------------------------ reconfiguration
+
+    def reconfigure(
+        self, plan: Any, mode: str = "live", pause_budget_ms: float = 10.0, max_rounds: int = 8, **kw: Any
+    ) -> Any:
+        """Starts changing the pipeline plan while serving; returns a ReconfigHandle.
+
+        Modes: "live" (pre-copy + patch rounds + AOT switch), "stop_and_copy", "restart".
+        One reconfiguration at a time: a second raises ReconfigError.
+        """
+        from pipelive_jax.reconfig.controller import ReconfigController
+
+        with self._lock:
+            if self.reconfig is not None:
+                raise ReconfigError(
+                    f"a reconfiguration is already in flight (to {self.reconfig.target}); "
+                    "wait for it or abort it"
+                )
+            ctl = ReconfigController(self, plan, mode=mode, pause_budget_ms=pause_budget_ms, max_rounds=max_rounds, **kw)
+            self.reconfig = ctl
+            self.reconfig_history.append(ctl)
+        self._wake.set()
+        return ctl.handle
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "plan": self.plan.to_json(),
+                "devices": [str(d) for d in self.devices],
+                "backend": self.backend,
+                "stages": [
+                    {
+                        "index": st.index,
+                        "device": st.device.id,
+                        "layers": [st.spec.start, st.spec.end],
+                        "kv_pages_total": st.pages.num_pages - 1,
+                        "kv_pages_used": st.pages.num_used,
+                        "kv_pages_free": st.pages.num_free,
+                    }
+                    for st in self.executor.stages
+                ],
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "preemptions": self.scheduler.num_preemptions,
+                "steps": self.step_count,
+                "reconfig": self.reconfig.handle.status() if self.reconfig is not None else None,
+            }

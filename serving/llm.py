@@ -1,0 +1,51 @@
+"""`LLM`: the offline facade (load a model, build an engine, generate for a list of prompts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelive_jax.errors import RequestError
+from pipelive_jax.models.registry import LoadedModel, load_model
+from pipelive_jax.serving.engine import Engine
+from pipelive_jax.serving.request import RequestOutput
+from pipelive_jax.serving.sampling import SamplingParams
+
+
+class LLM:
+    """`LLM(model="smollm2-135m", plan=None, **engine_options)`; `plan=None` means one stage.
+
+    `model` is a registry name, a path, or an already loaded `LoadedModel`.
+    """
+
+    def __init__(self, model: str | LoadedModel = "smollm2-135m", plan: Any = None, **engine_options: Any) -> None:
+        progress = engine_options.pop("progress", False)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, progress=progress)
+        self.engine = Engine(self.loaded, plan, **engine_options)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in input order.
+
+        A single prompt (a string or one list of token ids) is accepted as a list of one.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if not isinstance(prompts, list) or not prompts:
+            raise RequestError("prompts must be a non-empty list of strings or token-id lists")
+        if params is None or isinstance(params, SamplingParams):
+            plist = [params or SamplingParams()] * len(prompts)
+        else:
+            plist = list(params)
+            if len(plist) != len(prompts):
+                raise RequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        while any(not self.engine.requests[i].finished for i in ids):
+            self.engine.step()
+        return [self.engine.get_output(i) for i in ids]

@@ -1,0 +1,249 @@
+"""The pipeline executor: one compiled step function per stage, each on its own device.
+
+A step runs stage 0..S-1 in order (DESIGN.md §3). Each stage's function is
+`stage_forward` (models/llama.py) jitted with its KV pools donated, so KV writes happen in place,
+and compiled ahead of time for a `BatchShape` bucket (`lower().compile()`): a reconfiguration
+compiles its new stages in the background and swaps them in without compiling in the pause.
+Activations move to the next stage with `jax.device_put`; every call is dispatched
+asynchronously, so with several micro-batches the stages work at the same time.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipelive_jax.kv.pages import PageTable
+from pipelive_jax.kv.pools import KVSpec, StagePools
+from pipelive_jax.models.llama import BatchMeta, ModelDefs, StageParams, stage_forward
+from pipelive_jax.plan import PipelinePlan, StageSpec
+
+
+def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """Smallest power of two >= max(n, minimum), capped at `maximum`: shapes come in buckets
+    because every distinct shape is a separate compiled function."""
+    b = max(minimum, 1)
+    while b < n:
+        b *= 2
+    if maximum is not None:
+        b = min(b, max(maximum, n))
+    return b
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The static shapes of one step (the compile-cache key besides the stage)."""
+
+    num_tokens: int  # T: packed tokens, padded
+    max_seqs: int  # N: sequence rows, padded
+    pages_per_seq: int  # M: block table width
+    max_q_len: int  # longest query chunk of a sequence
+
+
+@dataclass
+class StepBatch:
+    """Host arrays of one (micro-)batch; per-stage arrays because each stage has its own page ids.
+
+    token_ids [T], positions [T], cu_q_lens [N+1], kv_lens [N], num_seqs [], logits_indices [N];
+    slot_mapping[s] [T] and block_tables[s] [N, M] for stage s.
+    """
+
+    shape: BatchShape
+    token_ids: np.ndarray
+    positions: np.ndarray
+    cu_q_lens: np.ndarray
+    kv_lens: np.ndarray
+    num_seqs: np.ndarray
+    logits_indices: np.ndarray
+    slot_mapping: list[np.ndarray]
+    block_tables: list[np.ndarray]
+    greedy: bool = True
+
+    def meta(self, stage: int) -> BatchMeta:
+        return BatchMeta(
+            positions=self.positions,
+            slot_mapping=self.slot_mapping[stage],
+            cu_q_lens=self.cu_q_lens,
+            kv_lens=self.kv_lens,
+            block_tables=self.block_tables[stage],
+            num_seqs=self.num_seqs,
+            logits_indices=self.logits_indices,
+        )
+
+
+@partial(jax.jit, static_argnames=("defs", "max_q_len", "backend"), donate_argnums=(2,))
+def _stage_step(defs, params, kv, meta, x, *, max_q_len, backend):
+    """stage_forward, plus the greedy argmax on the last stage (so greedy steps move ints)."""
+    kv, out = stage_forward(defs, params, kv, meta, x, max_q_len=max_q_len, backend=backend)
+    if params.head is not None:
+        return kv, (out, jnp.argmax(out, axis=-1).astype(jnp.int32))
+    return kv, out
+
+
+@dataclass
+class StageRuntime:
+    """One stage as it serves: its plan entry, device, placed weights, KV pools and page table."""
+
+    index: int
+    spec: StageSpec
+    device: jax.Device
+    params: StageParams
+    pools: StagePools
+    pages: PageTable
+    is_first: bool
+    is_last: bool
+
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.spec.start, self.spec.end))
+
+
+class CompileCache:
+    """AOT-compiled stage functions, keyed by what fixes their shapes and placement.
+
+    Thread-safe: reconfiguration compiles on a background thread while the engine serves.
+    """
+
+    def __init__(self, defs: ModelDefs, backend: str) -> None:
+        self.defs = defs
+        self.backend = backend
+        self._fns: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        self.compiles = 0
+
+    @staticmethod
+    def key(stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> tuple:
+        return (
+            stage.spec.start,
+            stage.spec.end,
+            stage.is_first,
+            stage.is_last,
+            stage.device.id,
+            num_pages if num_pages is not None else stage.pools.num_pages,
+            shape,
+        )
+
+    def get(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> Any:
+        k = self.key(stage, shape, num_pages)
+        fn = self._fns.get(k)
+        if fn is None:
+            fn = self._compile(stage, shape, num_pages)
+            with self._lock:
+                self._fns.setdefault(k, fn)
+        return fn
+
+    def has(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> bool:
+        return self.key(stage, shape, num_pages) in self._fns
+
+    def _compile(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None) -> Any:
+        cfg = self.defs.cfg
+        sh = jax.sharding.SingleDeviceSharding(stage.device)
+
+        def abstract(a: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+
+        params = jax.tree.map(abstract, stage.params)
+        n_pages = num_pages if num_pages is not None else stage.pools.num_pages
+        pool = jax.ShapeDtypeStruct(stage.pools.spec.pool_shape(n_pages), stage.pools.spec.dtype, sharding=sh)
+        kv = [(pool, pool) for _ in stage.layer_ids]
+        i32 = jnp.int32
+        t, n, m = shape.num_tokens, shape.max_seqs, shape.pages_per_seq
+        meta = BatchMeta(
+            positions=jax.ShapeDtypeStruct((t,), i32, sharding=sh),
+            slot_mapping=jax.ShapeDtypeStruct((t,), i32, sharding=sh),
+            cu_q_lens=jax.ShapeDtypeStruct((n + 1,), i32, sharding=sh),
+            kv_lens=jax.ShapeDtypeStruct((n,), i32, sharding=sh),
+            block_tables=jax.ShapeDtypeStruct((n, m), i32, sharding=sh),
+            num_seqs=jax.ShapeDtypeStruct((), i32, sharding=sh),
+            logits_indices=jax.ShapeDtypeStruct((n,), i32, sharding=sh),
+        )
+        if stage.is_first:
+            x = jax.ShapeDtypeStruct((t,), i32, sharding=sh)
+        else:
+            x = jax.ShapeDtypeStruct((t, cfg.hidden_size), cfg.jnp_dtype, sharding=sh)
+        lowered = _stage_step.lower(
+            self.defs, params, kv, meta, x, max_q_len=shape.max_q_len, backend=self.backend
+        )
+        compiled = lowered.compile()
+        self.compiles += 1
+        return compiled
+
+
+@dataclass
+class StepResult:
+    """What the last stage returned for one micro-batch (device arrays, fetched lazily)."""
+
+    logits: jax.Array  # [N, vocab] float32
+    argmax: jax.Array  # [N] int32
+    greedy: bool
+
+    def fetch(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """(logits or None for greedy batches, argmax) on the host."""
+        if self.greedy:
+            return None, np.asarray(self.argmax)
+        return np.asarray(self.logits), np.asarray(self.argmax)
+
+
+class PipelineExecutor:
+    """Runs steps over the stages of a plan (host state: the stages and the compiled functions)."""
+
+    def __init__(self, defs: ModelDefs, stages: list[StageRuntime], cache: CompileCache) -> None:
+        self.defs = defs
+        self.stages = stages
+        self.cache = cache
+
+    @property
+    def plan(self) -> PipelinePlan:
+        return PipelinePlan(tuple(s.spec for s in self.stages))
+
+    @property
+    def page_tables(self) -> list[PageTable]:
+        return [s.pages for s in self.stages]
+
+    def compile_for(self, shape: BatchShape) -> None:
+        for st in self.stages:
+            self.cache.get(st, shape)
+
+    def run(self, batches: list[StepBatch]) -> list[StepResult]:
+        """Dispatches every micro-batch through every stage; returns without blocking."""
+        results: list[StepResult] = []
+        for b in batches:
+            x: Any = None
+            for st in self.stages:
+                fn = self.cache.get(st, b.shape)
+                meta, xs = jax.device_put(
+                    (b.meta(st.index), b.token_ids if st.is_first else None), st.device
+                )
+                if st.is_first:
+                    x = xs
+                else:
+                    x = jax.device_put(x, st.device)
+                kv = st.pools.as_list(st.layer_ids)
+                new_kv, x = fn(st.params, kv, meta, x)
+                st.pools.set_all(new_kv, st.layer_ids)
+            logits, argmax = x
+            results.append(StepResult(logits, argmax, b.greedy))
+        return results
+
+
+def place_stage_params(
+    embed: jax.Array, layer_states: list[Any], head: Any, spec: StageSpec, num_layers: int, device: jax.Device
+) -> StageParams:
+    """Puts a stage's share of the weights on its device (async device_put)."""
+    params = StageParams(
+        embed=embed if spec.start == 0 else None,
+        layers=list(layer_states[spec.start : spec.end]),
+        head=head if spec.end == num_layers else None,
+    )
+    return jax.device_put(params, device)
+
+
+def kv_spec_for(defs: ModelDefs, page_size: int) -> KVSpec:
+    cfg = defs.cfg
+    return KVSpec(kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, page_size=page_size, dtype=cfg.jnp_dtype)

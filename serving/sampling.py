@@ -1,0 +1,85 @@
+"""Sampling parameters and the sampler.
+
+Sampling runs on the host over the last stage's logits, one request at a time with its own
+`numpy.random.Generator`: a seeded request draws the same numbers whatever batch it shares,
+and a request preempted and recomputed keeps its generator, so its tokens are reproducible.
+Greedy batches skip the logits transfer: the argmax runs on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelive_jax.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop (the names follow vLLM's SamplingParams).
+
+    temperature 0 is greedy. top_k 0 or -1 disables top-k; top_p 1.0 disables nucleus sampling.
+    `stop` strings end generation when they appear in the output text (the text is cut before
+    them); `stop_token_ids` end it on those tokens (the token is kept in token_ids).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> RequestError:
+            return RequestError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.temperature, int | float) or not np.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise bad("top_k", "must be an integer; 0 or -1 disables it")
+        if not isinstance(self.top_p, int | float) or not (0.0 < self.top_p <= 1.0):
+            raise bad("top_p", "must be in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise bad("seed", "must be a non-negative integer or None")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from logits [vocab] (float32) under `params`."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / params.temperature
+    if params.top_k > 0 and params.top_k < x.shape[0]:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    x = x - np.max(x)
+    p = np.exp(x)
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cut = int(np.searchsorted(cum, params.top_p)) + 1
+        keep = np.zeros_like(p, dtype=bool)
+        keep[order[:cut]] = True
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.shape[0], p=p))
