@@ -71,7 +71,9 @@ def validate_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_l
     if kv_lens.shape != (max_seqs,):
         raise KernelInputError(f"kv_lens must have shape ({max_seqs},), got {kv_lens.shape}")
     if cu_q_lens.shape != (max_seqs + 1,):
-        raise KernelInputError(f"cu_q_lens must have shape ({max_seqs + 1},), got {cu_q_lens.shape}")
+        raise KernelInputError(
+            f"cu_q_lens must have shape ({max_seqs + 1},), got {cu_q_lens.shape}"
+        )
     for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables), ("cu_q_lens", cu_q_lens)):
         if not jnp.issubdtype(a.dtype, jnp.integer):
             raise KernelInputError(f"{name} must be an integer array, got {a.dtype}")
@@ -107,13 +109,29 @@ def paged_attention(
         max_q_len = q.shape[0]
     if backend == "xla":
         return paged_attention_xla(
-            q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-            sm_scale=sm_scale, max_q_len=max_q_len, soft_cap=soft_cap,
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            cu_q_lens,
+            num_seqs,
+            sm_scale=sm_scale,
+            max_q_len=max_q_len,
+            soft_cap=soft_cap,
         )
     from pipelive_jax.kernels.pallas_attention import paged_attention_pallas
 
     return paged_attention_pallas(
-        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, max_q_len=max_q_len, soft_cap=soft_cap,
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        max_q_len=max_q_len,
+        soft_cap=soft_cap,
         interpret=(backend == "pallas_interpret"),
     )

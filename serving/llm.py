@@ -17,9 +17,13 @@ class LLM:
     `model` is a registry name, a path, or an already loaded `LoadedModel`.
     """
 
-    def __init__(self, model: str | LoadedModel = "smollm2-135m", plan: Any = None, **engine_options: Any) -> None:
+    def __init__(
+        self, model: str | LoadedModel = "smollm2-135m", plan: Any = None, **engine_options: Any
+    ) -> None:
         progress = engine_options.pop("progress", False)
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, progress=progress)
+        self.loaded = (
+            model if isinstance(model, LoadedModel) else load_model(model, progress=progress)
+        )
         self.engine = Engine(self.loaded, plan, **engine_options)
 
     @property
@@ -35,7 +39,9 @@ class LLM:
 
         A single prompt (a string or one list of token ids) is accepted as a list of one.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
         if not isinstance(prompts, list) or not prompts:
             raise RequestError("prompts must be a non-empty list of strings or token-id lists")

@@ -150,7 +150,9 @@ class CompileCache:
 
         params = jax.tree.map(abstract, stage.params)
         n_pages = num_pages if num_pages is not None else stage.pools.num_pages
-        pool = jax.ShapeDtypeStruct(stage.pools.spec.pool_shape(n_pages), stage.pools.spec.dtype, sharding=sh)
+        pool = jax.ShapeDtypeStruct(
+            stage.pools.spec.pool_shape(n_pages), stage.pools.spec.dtype, sharding=sh
+        )
         kv = [(pool, pool) for _ in stage.layer_ids]
         i32 = jnp.int32
         t, n, m = shape.num_tokens, shape.max_seqs, shape.pages_per_seq
@@ -233,7 +235,12 @@ class PipelineExecutor:
 
 
 def place_stage_params(
-    embed: jax.Array, layer_states: list[Any], head: Any, spec: StageSpec, num_layers: int, device: jax.Device
+    embed: jax.Array,
+    layer_states: list[Any],
+    head: Any,
+    spec: StageSpec,
+    num_layers: int,
+    device: jax.Device,
 ) -> StageParams:
     """Puts a stage's share of the weights on its device (async device_put)."""
     params = StageParams(
@@ -246,4 +253,6 @@ def place_stage_params(
 
 def kv_spec_for(defs: ModelDefs, page_size: int) -> KVSpec:
     cfg = defs.cfg
-    return KVSpec(kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, page_size=page_size, dtype=cfg.jnp_dtype)
+    return KVSpec(
+        kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, page_size=page_size, dtype=cfg.jnp_dtype
+    )

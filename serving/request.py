@@ -78,7 +78,11 @@ class Request:
     """
 
     def __init__(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
@@ -89,7 +93,9 @@ class Request:
         self.finish_reason: str | None = None
         self.text = ""
         self.rng = np.random.default_rng(params.seed)
-        self.metrics = RequestMetrics(arrival_time=arrival if arrival is not None else time.perf_counter())
+        self.metrics = RequestMetrics(
+            arrival_time=arrival if arrival is not None else time.perf_counter()
+        )
         self.new_ids: list[int] = []  # tokens produced by the latest step (for streaming)
 
     @property

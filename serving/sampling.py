@@ -42,15 +42,25 @@ class SamplingParams:
         def bad(name: str, why: str) -> RequestError:
             return RequestError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        if (
+            not isinstance(self.max_tokens, int)
+            or isinstance(self.max_tokens, bool)
+            or self.max_tokens < 1
+        ):
             raise bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.temperature, int | float) or not np.isfinite(self.temperature) or self.temperature < 0:
+        if (
+            not isinstance(self.temperature, int | float)
+            or not np.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
             raise bad("temperature", "must be a finite number >= 0")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise bad("top_k", "must be an integer; 0 or -1 disables it")
         if not isinstance(self.top_p, int | float) or not (0.0 < self.top_p <= 1.0):
             raise bad("top_p", "must be in (0, 1]")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0
+        ):
             raise bad("seed", "must be a non-negative integer or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be non-empty strings")

@@ -113,7 +113,9 @@ class PageTable:
                 continue
             owned = self.pages.get(s, [])
             if len(owned) > width:
-                raise ValueError(f"sequence {s!r} owns {len(owned)} pages > block table width {width}")
+                raise ValueError(
+                    f"sequence {s!r} owns {len(owned)} pages > block table width {width}"
+                )
             out[i, : len(owned)] = owned
         return out
 

@@ -1,0 +1,704 @@
+"""The live reconfiguration controller: a state machine advanced at the engine's step boundaries.
+
+    VALIDATE -> PREPARE -> STAGE_WEIGHTS -> PRECOPY -> PATCH (rounds) -> SWITCH -> RESIZE -> DONE
+                                                                     \\-> ABORTED (rollback)
+
+`Engine.step()` calls `before_step()` and `after_step()`; every copy is dispatched between two
+steps, so it sees a consistent state, and serving goes on between phases. The new plan's stage
+functions are compiled ahead of time on a background thread (PREPARE), so the switch itself is
+a final patch of the pages dirtied by the last old step and a swap of references.
+
+New stages are built beside the old ones ("pending"): a stage on a device that already serves
+reuses that device's page table (same page ids, so migrated pages land at the target's id for
+the same block) and the pools and weights of the layers that stay; a stage on a new device gets a
+page table that mirrors the running sequences. Until the switch the old stages are untouched
+(except a shrink of their capacity where admission needs it), which is what makes abort a
+matter of dropping the pending objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from pipelive_jax.errors import AdmissionError, PipeliveError, ReconfigError
+from pipelive_jax.kv.pages import PageTable
+from pipelive_jax.kv.pools import StagePools
+from pipelive_jax.memory import DeviceBudget, check_admission
+from pipelive_jax.models.llama import StageParams
+from pipelive_jax.plan import parse_plan, plan_diff
+from pipelive_jax.reconfig.migrate import Route, page_moves
+
+if TYPE_CHECKING:
+    from pipelive_jax.serving.engine import Engine
+    from pipelive_jax.serving.pipeline import StageRuntime
+
+PHASES = ("VALIDATE", "PREPARE", "STAGE_WEIGHTS", "PRECOPY", "PATCH", "SWITCH", "RESIZE", "DONE")
+MODES = ("live", "stop_and_copy", "restart")
+
+
+@dataclass
+class ReconfigReport:
+    """What a reconfiguration did. Times in milliseconds, bytes as counted by the copies.
+
+    pause_ms: end of the last old-plan step to the start of the first new-plan step.
+    forced_stop_and_copy: the patch rounds ran out (max_rounds) before the dirty bytes fit the
+    pause budget, so the final patch was as large as it was.
+    """
+
+    ok: bool
+    mode: str
+    source: str
+    target: str
+    pause_ms: float | None = None
+    rounds: int = 0
+    bytes_weights: int = 0
+    bytes_kv_precopy: int = 0
+    bytes_kv_patched: int = 0
+    bytes_kv_final: int = 0
+    phase_ms: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    aborted_in: str | None = None
+    forced_stop_and_copy: bool = False
+    compiled_in_pause: int = 0
+    recomputed_tokens: int = 0
+    resize_ms: float | None = None
+    verified_pages: int | None = None
+    round_dirty_bytes: list[int] = field(default_factory=list)
+    total_ms: float | None = None
+    error_traceback: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ReconfigHandle:
+    """What `Engine.reconfigure` returns: watch, wait for, or abort one reconfiguration."""
+
+    def __init__(self, ctl: ReconfigController) -> None:
+        self._ctl = ctl
+        self._done = threading.Event()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def status(self) -> dict[str, Any]:
+        c = self._ctl
+        return {
+            "phase": c.phase,
+            "mode": c.mode,
+            "target": str(c.target),
+            "round": c.report.rounds,
+            "dirty_bytes_left": c.dirty_bytes_left,
+            "elapsed_ms": (time.perf_counter() - c.t_start) * 1e3,
+            "done": self.done(),
+            "ok": c.report.ok if self.done() else None,
+        }
+
+    def report(self) -> ReconfigReport:
+        return self._ctl.report
+
+    def wait(self, timeout: float | None = None) -> ReconfigReport:
+        """Blocks until done (the engine loop must be running on its own thread, or someone
+        else must call `step()`); raises TimeoutError."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"reconfiguration still in phase {self._ctl.phase}")
+        return self._ctl.report
+
+    def abort(self, reason: str = "aborted by user") -> None:
+        """Requests a rollback at the next step boundary (no effect once switched)."""
+        self._ctl.abort_requested = reason
+
+
+@dataclass
+class _Pending:
+    """The new plan's stages, built beside the old ones until the switch."""
+
+    stages: list[StageRuntime]
+    new_tables: list[PageTable]  # tables created for new devices (mirrors)
+    routes: list[Route]
+    weight_moves: list[tuple[Any, Any, Any]]  # (container, slot, device) still to move
+    weight_arrays: list[Any]  # what was moved (to wait on)
+
+
+class ReconfigController:
+    """Drives one reconfiguration of `engine` to `plan` (host state; engine lock held by caller)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        plan: Any,
+        *,
+        mode: str = "live",
+        pause_budget_ms: float = 10.0,
+        max_rounds: int = 8,
+        timeout_s: float = 600.0,
+        hooks: dict[str, Callable[[ReconfigController], None]] | None = None,
+        verify: bool = False,
+        on_full: str = "refuse",
+    ) -> None:
+        if mode not in MODES:
+            raise ReconfigError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if not (isinstance(max_rounds, int) and max_rounds >= 1):
+            raise ReconfigError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+        if not pause_budget_ms > 0:
+            raise ReconfigError(f"pause_budget_ms must be > 0, got {pause_budget_ms!r}")
+        self.engine = engine
+        self.mode = mode
+        self.pause_budget_ms = float(pause_budget_ms)
+        self.max_rounds = max_rounds
+        self.timeout_s = timeout_s
+        self.hooks = hooks or {}
+        self.verify = verify
+        self.source = engine.plan
+        # VALIDATE happens here, synchronously, so a bad plan is refused at the call.
+        self.target = parse_plan(
+            plan, num_layers=engine.defs.cfg.num_layers, num_devices=len(engine.devices)
+        )
+        self.diff = plan_diff(self.source, self.target)
+        self.report = ReconfigReport(
+            ok=False, mode=mode, source=str(self.source), target=str(self.target)
+        )
+        self.handle = ReconfigHandle(self)
+        self.phase = "VALIDATE"
+        self.t_start = time.perf_counter()
+        self._t_phase = self.t_start
+        self.abort_requested: str | None = None
+        self.dirty_bytes_left: int | None = None
+        self._pending: _Pending | None = None
+        self._compile_thread: threading.Thread | None = None
+        self._compile_error: BaseException | None = None
+        self._shrunk: list[tuple[StageRuntime, int]] = []
+        self._bandwidth = None  # bytes/s measured by the pre-copy
+        self._old_stages = list(engine.executor.stages)
+        self._transition_pages: int | None = None
+        self._grow: list[tuple[StageRuntime, int]] = []
+        self._run_hook("VALIDATE")
+        self._admission()
+        if self.diff.is_noop:
+            self._finish_ok()
+            return
+        self._enter("PREPARE")
+        self._start_prepare()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _run_hook(self, phase: str) -> None:
+        hook = self.hooks.get(phase)
+        if hook is not None:
+            hook(self)
+
+    def _enter(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.report.phase_ms[self.phase] = (
+            self.report.phase_ms.get(self.phase, 0.0) + (now - self._t_phase) * 1e3
+        )
+        self.phase = phase
+        self._t_phase = now
+
+    def _budgets(self) -> dict[int, DeviceBudget] | None:
+        c = self.engine.config
+        if c.device_memory_bytes is None:
+            return None
+        devs = set(self.source.devices) | set(self.target.devices)
+        return {d: b for d in devs if (b := c.budget(d)) is not None}
+
+    def _admission(self) -> None:
+        """Refuses (AdmissionError, nothing changed) a plan whose transition does not fit."""
+        eng = self.engine
+        budgets = self._budgets()
+        used = {st.spec.devices[0]: st.pages.num_used for st in eng.executor.stages}
+        if budgets is None:
+            # Fixed capacities: every stage of the target gets `pages_for_stage`; the running
+            # sequences must fit each of them.
+            need = max(used.values(), default=0)
+            for i, spec in enumerate(self.target.stages):
+                cap = eng.pages_for_stage(self.target, i)
+                if need > cap - 1:
+                    raise AdmissionError(
+                        f"device {spec.devices[0]}: {need} KV pages in use but the new stage "
+                        f"holds {cap - 1}",
+                        device=spec.devices[0],
+                        pages_in_use=need,
+                        pages_that_fit=cap - 1,
+                    )
+            return
+        adm = check_admission(
+            self.source,
+            self.target,
+            budgets,
+            eng.shape,
+            eng.config.page_size,
+            used,
+            granule=eng.config.page_granule,
+        )
+        self._transition_pages = adm.b_shrink
+        self._admission_numbers = adm.numbers()
+
+    def _stage_capacity(self, target_index: int | None, existing: int | None) -> int:
+        """Capacity of a stage during the transition: an existing stage keeps its pools unless
+        admission needs them shrunk to B_shrink; a new stage gets B_shrink (or, with fixed
+        capacities or without KV resizing, what the engine gives that stage of the target)."""
+        eng = self.engine
+        if self._transition_pages is None or not eng.config.kv_resize:
+            if existing is not None:
+                return existing
+            assert target_index is not None
+            return eng.pages_for_stage(self.target, target_index)
+        if existing is not None:
+            return min(existing, self._transition_pages)
+        return self._transition_pages
+
+    # ------------------------------------------------------------------ engine hooks
+
+    def before_step(self) -> None:
+        try:
+            self._check_abort()
+            if self.phase == "SWITCH":
+                self._switch()
+            elif self.phase == "RESIZE":
+                self._resize_step()
+        except Exception as e:  # noqa: BLE001 - any failure rolls back
+            self._abort(e)
+
+    def after_step(self) -> None:
+        try:
+            self._check_abort()
+            if self.phase == "PREPARE":
+                self._prepare_step()
+            elif self.phase == "STAGE_WEIGHTS":
+                self._stage_weights_step()
+            elif self.phase == "PRECOPY":
+                self._precopy()
+            elif self.phase == "PATCH":
+                self._patch_round()
+        except Exception as e:  # noqa: BLE001
+            self._abort(e)
+
+    def _check_abort(self) -> None:
+        if self.abort_requested and self.phase not in ("RESIZE", "DONE", "ABORTED"):
+            raise ReconfigError(self.abort_requested)
+        if time.perf_counter() - self.t_start > self.timeout_s and self.phase not in (
+            "RESIZE",
+            "DONE",
+        ):
+            raise ReconfigError(f"timed out after {self.timeout_s:.0f} s in phase {self.phase}")
+
+    # ------------------------------------------------------------------ PREPARE
+
+    def _start_prepare(self) -> None:
+        """Builds the pending stages and starts compiling for them in the background."""
+        self._run_hook("PREPARE")
+        eng = self.engine
+        if self.mode == "restart":
+            self._enter("SWITCH")  # the restart baseline rebuilds everything in the pause
+            return
+        old_by_dev = {st.spec.devices[0]: st for st in self._old_stages}
+        # Shrink where the transition needs it (at this boundary, before anything else).
+        for st in self._old_stages:
+            cap = self._stage_capacity(None, st.pages.num_pages)
+            if cap < st.pages.num_pages:
+                self._shrink(st, cap)
+        any_table = self._old_stages[0].pages
+        stages: list[StageRuntime] = []
+        new_tables: list[PageTable] = []
+        routes: list[Route] = []
+        weight_moves: list[tuple[Any, Any, Any]] = []  # (container, slot, device)
+        from pipelive_jax.serving.pipeline import StageRuntime
+
+        for j, spec in enumerate(self.target.stages):
+            dev_id = spec.devices[0]
+            dev = eng.devices[dev_id]
+            old = old_by_dev.get(dev_id)
+            if old is not None:
+                table = old.pages
+            else:
+                table = PageTable(self._stage_capacity(j, None), eng.config.page_size)
+                table.copy_allocation(any_table)
+                new_tables.append(table)
+            pools = StagePools(eng.kv_spec, table.num_pages, dev)
+            layer_states: list[Any] = []
+            incoming: dict[int, list[int]] = {}  # source stage index -> layers
+            for layer in spec.layers:
+                src_stage = self._old_stages[self.source.stage_of_layer(layer)]
+                if old is not None and src_stage is old:
+                    k, v = old.pools.pools[layer]
+                    pools.pools[layer] = (k, v)  # shared with the old stage until the switch
+                    layer_states.append(old.params.layers[layer - old.spec.start])
+                else:
+                    pools.add_layer(layer)
+                    state = src_stage.params.layers[layer - src_stage.spec.start]
+                    layer_states.append(state)
+                    weight_moves.append((layer_states, len(layer_states) - 1, dev))
+                    incoming.setdefault(src_stage.index, []).append(layer)
+            params = StageParams(embed=None, layers=layer_states, head=None)
+            if j == 0:
+                params.embed = self._old_stages[0].params.embed
+                if self._old_stages[0].device != dev:
+                    weight_moves.append((params, "embed", dev))
+            if j == self.target.num_stages - 1:
+                params.head = self._old_stages[-1].params.head
+                if self._old_stages[-1].device != dev:
+                    weight_moves.append((params, "head", dev))
+            st = StageRuntime(
+                index=j,
+                spec=spec,
+                device=dev,
+                params=params,
+                pools=pools,
+                pages=table,
+                is_first=j == 0,
+                is_last=j == self.target.num_stages - 1,
+            )
+            stages.append(st)
+            for src_idx, layers in incoming.items():
+                src = self._old_stages[src_idx]
+                lays = tuple(layers)
+                routes.append(
+                    Route(
+                        layers=lays,
+                        src_device=src.device,
+                        dst_device=dev,
+                        src_table=src.pages,
+                        dst_table=table,
+                        get_src_pools=(lambda s=src, ls=lays: s.pools.as_list(ls)),
+                        dst_pools=pools.as_list(lays),
+                        page_bytes=eng.kv_spec.page_bytes(),
+                    )
+                )
+        # New tables must follow the running sequences from now on (reserve / free).
+        eng.scheduler.set_page_tables([*eng.executor.page_tables, *new_tables])
+        self._pending = _Pending(stages, new_tables, routes, weight_moves, [])
+        if self.mode == "live":
+            self._move_weights()  # async: serving goes on while they travel
+        shapes = sorted(eng.executor_shapes(), key=lambda s: (s.num_tokens, s.max_seqs))
+        max_pages = max(st.pages.num_pages for st in stages)
+
+        def compile_all() -> None:
+            try:
+                for st in stages:
+                    for shape in shapes:
+                        eng.cache.get(st, shape)
+                for r in routes:
+                    r.prepare(max_pages)
+            except BaseException as e:  # noqa: BLE001 - reported by the engine thread
+                self._compile_error = e
+
+        self._compile_thread = threading.Thread(
+            target=compile_all, name="pipelive-aot", daemon=True
+        )
+        self._compile_thread.start()
+
+    def _move_weights(self) -> None:
+        """Dispatches the device_put of every moved layer's weights (and embed/head)."""
+        assert self._pending is not None
+        for container, slot, dev in self._pending.weight_moves:
+            if isinstance(slot, str):
+                moved = jax.device_put(getattr(container, slot), dev)
+                setattr(container, slot, moved)
+            else:
+                moved = jax.device_put(container[slot], dev)
+                container[slot] = moved
+            self._pending.weight_arrays.append(moved)
+            self.report.bytes_weights += int(sum(a.nbytes for a in jax.tree.leaves(moved)))
+        self._pending.weight_moves = []
+
+    def _shrink(self, st: StageRuntime, cap: int) -> None:
+        """Compacts live pages below `cap` and re-allocates the stage's pools one layer at a time."""
+        src, dst = st.pages.compaction_moves(cap)
+        if len(src):
+            st.pools.remap_pages(src, dst)
+            st.pages.apply_moves(src, dst)
+        old = st.pages.num_pages
+        st.pools.resize(cap, live_max_page=st.pages.max_live_page())
+        st.pages.resize(cap)
+        self._shrunk.append((st, old))
+
+    def _prepare_step(self) -> None:
+        t = self._compile_thread
+        if t is not None and t.is_alive():
+            return
+        if self._compile_error is not None:
+            raise ReconfigError(f"compiling the new stages failed: {self._compile_error}")
+        self._enter("STAGE_WEIGHTS")
+        self._run_hook("STAGE_WEIGHTS")
+        if self.mode == "stop_and_copy":
+            self._enter("SWITCH")
+
+    # ------------------------------------------------------------------ STAGE_WEIGHTS
+
+    def _stage_weights_step(self) -> None:
+        assert self._pending is not None
+        leaves = jax.tree.leaves(self._pending.weight_arrays)
+        if not all(a.is_ready() for a in leaves):
+            return
+        self._enter("PRECOPY")
+        self._run_hook("PRECOPY")
+        self._precopy()
+
+    # ------------------------------------------------------------------ PRECOPY / PATCH
+
+    def _copy_pages(self, only_dirty: bool) -> int:
+        """One copy round over every route; returns bytes. `only_dirty`: pages written since the
+        last round (from each source table's dirty bitmap), else every live page."""
+        assert self._pending is not None
+        dirty: dict[int, np.ndarray] = {}
+        for st in self._old_stages:
+            dirty[id(st.pages)] = st.pages.take_dirty()
+        total = 0
+        for r in self._pending.routes:
+            ids = dirty[id(r.src_table)] if only_dirty else None
+            if ids is not None and len(ids) == 0:
+                continue
+            s, d = page_moves(r.src_table, r.dst_table, ids)
+            total += r.copy(s, d)
+        return total
+
+    def _block(self) -> None:
+        assert self._pending is not None
+        for r in self._pending.routes:
+            r.block()
+
+    def _precopy(self) -> None:
+        t0 = time.perf_counter()
+        nbytes = self._copy_pages(only_dirty=False)
+        self._block()
+        dt = time.perf_counter() - t0
+        self.report.bytes_kv_precopy = nbytes
+        self._bandwidth = nbytes / dt if nbytes and dt > 0 else None
+        self._enter("PATCH")
+        self._run_hook("PATCH")
+
+    def _patch_round(self) -> None:
+        nbytes = self._copy_pages(only_dirty=True)
+        self.report.rounds += 1
+        self.report.bytes_kv_patched += nbytes
+        self.report.round_dirty_bytes.append(nbytes)
+        self.dirty_bytes_left = nbytes  # the next step dirties about as much
+        budget_bytes = (self._bandwidth or 1e9) * self.pause_budget_ms / 1e3
+        if nbytes <= budget_bytes or self.report.rounds >= self.max_rounds:
+            self.report.forced_stop_and_copy = nbytes > budget_bytes
+            self._block()
+            self._enter("SWITCH")
+
+    # ------------------------------------------------------------------ SWITCH
+
+    def _switch(self) -> None:
+        eng = self.engine
+        self._run_hook("SWITCH")
+        t_end_old = eng.last_step_end if eng.last_step_end is not None else time.perf_counter()
+        compiles_before = eng.cache.compiles
+        if self.mode == "restart":
+            self._restart()
+        else:
+            assert self._pending is not None
+            if self.mode == "stop_and_copy":
+                self._move_weights()
+                jax.block_until_ready(self._pending.weight_arrays)
+                self.report.bytes_kv_final = self._copy_pages(only_dirty=False)
+            else:
+                self.report.bytes_kv_final = self._copy_pages(only_dirty=True)
+            self._block()
+            pending = self._pending
+            for st in pending.stages:
+                st.pools.pools.update(
+                    zip(
+                        [
+                            lay
+                            for r in pending.routes
+                            if r.dst_device == st.device
+                            for lay in r.layers
+                        ],
+                        [
+                            p
+                            for r in pending.routes
+                            if r.dst_device == st.device
+                            for p in r.dst_pools
+                        ],
+                        strict=True,
+                    )
+                )
+            # Layers that stayed share arrays with the old stage: refresh them to the latest
+            # (the old stage's pools were replaced by every step since PREPARE).
+            old_by_dev = {st.spec.devices[0]: st for st in self._old_stages}
+            for st in pending.stages:
+                old = old_by_dev.get(st.spec.devices[0])
+                if old is None:
+                    continue
+                for layer in st.spec.layers:
+                    if layer in old.pools.pools and old.spec.start <= layer < old.spec.end:
+                        st.pools.pools[layer] = old.pools.pools[layer]
+            eng.executor.stages = pending.stages
+            eng.plan = self.target
+            eng.scheduler.set_page_tables(eng.executor.page_tables)
+        now = time.perf_counter()
+        self.report.pause_ms = (now - t_end_old) * 1e3
+        self.report.compiled_in_pause = eng.cache.compiles - compiles_before
+        if self.verify and self.mode != "restart":
+            self.report.verified_pages = self._verify()
+        self._enter("RESIZE")
+        self._resize_prepare()
+
+    def _verify(self) -> int:
+        """Byte-compares every migrated page with its source (test aid; after the pause)."""
+        assert self._pending is not None
+        count = 0
+        for r in self._pending.routes:
+            s, d = page_moves(r.src_table, r.dst_table)
+            if not len(s):
+                continue
+            for (sk, sv), (dk, dv) in zip(r.get_src_pools(), r.dst_pools, strict=True):
+                for a, b in ((sk, dk), (sv, dv)):
+                    x = np.array(a, copy=True)[:, s]
+                    y = np.array(b, copy=True)[:, d]
+                    if x.tobytes() != y.tobytes():
+                        raise ReconfigError("a migrated page differs from its source at the switch")
+            count += len(s)
+        return count
+
+    def _restart(self) -> None:
+        """The restart baseline: rebuild every stage from the stored weights, drop all KV, and
+        recompute in-flight requests (they are preempted and prefill again)."""
+        eng = self.engine
+        sched = eng.scheduler
+        for req in list(sched.running):
+            self.report.recomputed_tokens += req.num_computed
+            sched._preempt(req)
+        for st in self._old_stages:
+            st.pools.delete()
+        from pipelive_jax.serving.pipeline import CompileCache
+
+        eng.cache = CompileCache(eng.defs, eng.backend)  # a restarted server has no compiled code
+        eng.plan = self.target
+        from pipelive_jax.serving.pipeline import PipelineExecutor
+
+        eng.executor = PipelineExecutor(eng.defs, eng._build_stages(self.target), eng.cache)
+        sched.set_page_tables(eng.executor.page_tables)
+        for shape in eng.executor_shapes():
+            eng.executor.compile_for(shape)
+
+    # ------------------------------------------------------------------ RESIZE
+
+    def _resize_prepare(self) -> None:
+        """Frees what left each device; plans growth where room appeared."""
+        eng = self.engine
+        self._run_hook("RESIZE")
+        if self.mode != "restart":
+            new_by_dev = {st.spec.devices[0]: st for st in eng.executor.stages}
+            for st in self._old_stages:
+                new = new_by_dev.get(st.spec.devices[0])
+                for layer in list(st.pools.pools):
+                    if new is None or layer not in new.pools.pools:
+                        k, v = st.pools.pools.pop(layer)
+                        k.delete()
+                        v.delete()
+            # Dirty bits of the old tables were for migration only.
+            for st in eng.executor.stages:
+                st.pages.clear_dirty()
+        self._pending = None
+        self._grow = []
+        if eng.config.device_memory_bytes is not None and eng.config.kv_resize:
+            for i, st in enumerate(eng.executor.stages):
+                cap = eng.pages_for_stage(self.target, i)
+                if cap > st.pages.num_pages:
+                    self._grow.append((st, cap))
+        if self._grow:
+            shapes = list(eng.executor_shapes())
+            grow = list(self._grow)
+
+            def compile_all() -> None:
+                try:
+                    for st, cap in grow:
+                        for shape in shapes:
+                            eng.cache.get(st, shape, cap)
+                except BaseException as e:  # noqa: BLE001
+                    self._compile_error = e
+
+            self._compile_thread = threading.Thread(
+                target=compile_all, name="pipelive-aot", daemon=True
+            )
+            self._compile_thread.start()
+        else:
+            self._compile_thread = None
+            self._finish_ok()
+
+    def _resize_step(self) -> None:
+        t = self._compile_thread
+        if t is not None and t.is_alive():
+            return
+        if self._compile_error is not None:
+            # Growth is an optimisation: serving goes on at the transition capacity.
+            self.report.reason = f"pools not grown: {self._compile_error}"
+            self._finish_ok()
+            return
+        t0 = time.perf_counter()
+        for st, cap in self._grow:
+            st.pools.resize(cap)
+            st.pages.resize(cap)
+        self.report.resize_ms = (time.perf_counter() - t0) * 1e3
+        self._finish_ok()
+
+    # ------------------------------------------------------------------ end states
+
+    def _finish_ok(self) -> None:
+        self._enter("DONE")
+        self.report.ok = True
+        self.report.total_ms = (time.perf_counter() - self.t_start) * 1e3
+        self._detach()
+
+    def _detach(self) -> None:
+        eng = self.engine
+        if eng.reconfig is self:
+            eng.reconfig = None
+        self.handle._done.set()
+
+    def _abort(self, err: BaseException) -> None:
+        """Rolls back to the old plan: drop pending stages, restore capacities; serving goes on."""
+        eng = self.engine
+        phase = self.phase
+        if phase in ("RESIZE", "DONE"):
+            # Past the switch the new plan serves; a failure here only skips the growth.
+            self.report.reason = f"after switch: {err}"
+            self._finish_ok()
+            return
+        self.report.ok = False
+        self.report.aborted_in = phase
+        self.report.reason = (
+            str(err) if isinstance(err, PipeliveError) else f"{type(err).__name__}: {err}"
+        )
+        self.report.error_traceback = "".join(traceback.format_exception(err))
+        if self._compile_thread is not None and self._compile_thread.is_alive():
+            self._compile_thread.join()
+        pending = self._pending
+        self._pending = None
+        if pending is not None:
+            old_arrays = {
+                id(a) for st in self._old_stages for pair in st.pools.pools.values() for a in pair
+            }
+            pairs = [p for st in pending.stages for p in st.pools.pools.values()]
+            pairs += [p for r in pending.routes for p in r.dst_pools]
+            for pair in pairs:
+                for a in pair:
+                    if id(a) not in old_arrays and not a.is_deleted():
+                        a.delete()
+        eng.executor.stages = self._old_stages
+        eng.plan = self.source
+        eng.scheduler.set_page_tables([st.pages for st in self._old_stages])
+        for st, cap in reversed(self._shrunk):
+            try:
+                st.pools.resize(cap)
+                st.pages.resize(cap)
+            except Exception:  # noqa: BLE001 - stay at the smaller, valid capacity
+                break
+        for st in self._old_stages:
+            st.pages.clear_dirty()
+        self._enter("ABORTED")
+        self.report.total_ms = (time.perf_counter() - self.t_start) * 1e3
+        self._detach()
