@@ -176,7 +176,7 @@ class ReconfigController:
         self._compile_thread: threading.Thread | None = None
         self._compile_error: BaseException | None = None
         self._shrunk: list[tuple[StageRuntime, int]] = []
-        self._bandwidth = None  # bytes/s measured by the pre-copy
+        self._bandwidth: float | None = None  # bytes/s measured by the pre-copy
         self._old_stages = list(engine.executor.stages)
         self._transition_pages: int | None = None
         self._grow: list[tuple[StageRuntime, int]] = []
