@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -402,6 +403,18 @@ def _stage_forward_jit(defs, params, kv, meta, x, *, max_q_len, backend):
     return stage_forward(defs, params, kv, meta, x, max_q_len=max_q_len, backend=backend)
 
 
+_SPLITS: weakref.WeakKeyDictionary[LlamaModel, Any] = weakref.WeakKeyDictionary()
+
+
+def _split_cached(model: LlamaModel) -> tuple[ModelDefs, jax.Array, list[Any], Any]:
+    """split_model, remembered per model: ModelDefs hash by graph identity, so a fresh split
+    would miss the jit cache and recompile on every call."""
+    got = _SPLITS.get(model)
+    if got is None:
+        got = _SPLITS[model] = split_model(model)
+    return got
+
+
 def full_sequence_logits(
     model: LlamaModel,
     token_ids: list[int] | np.ndarray,
@@ -429,7 +442,7 @@ def full_sequence_logits(
     )
     shape = (cfg.num_kv_heads, n_pages + 1, page_size, cfg.head_dim)
     kv = [(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype)) for _ in model.layers]
-    defs, embed, states, head = split_model(model)
+    defs, embed, states, head = _split_cached(model)
     params = StageParams(embed=embed, layers=states, head=head)
     _, logits = _stage_forward_jit(
         defs, params, kv, meta, jnp.asarray(ids), max_q_len=t, backend=backend
