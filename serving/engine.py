@@ -234,8 +234,12 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
     ) -> str:
-        """Queues a request; returns its id. Raises RequestError for bad input."""
+        """Queues a request; returns its id. Raises RequestError for bad input.
+
+        `on_output` is subscribed before the request can be scheduled, so no output is missed.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -247,6 +251,8 @@ class Engine:
                 raise RequestError(f"request id {rid!r} is already in use")
             req = Request(rid, ids, params)
             self.requests[rid] = req
+            if on_output is not None:
+                self._subscribers.setdefault(rid, []).append(on_output)
             self.scheduler.add(req)
         self._wake.set()
         return rid
@@ -447,8 +453,9 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = self.add_request(prompt, params)
-        self.subscribe(rid, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        rid = self.add_request(
+            prompt, params, on_output=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
+        )
         try:
             while True:
                 if self._thread is None:

@@ -51,6 +51,12 @@ class LLM:
             plist = list(params)
             if len(plist) != len(prompts):
                 raise RequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        # Validate the whole batch first: a refused prompt must not leave the others queued.
+        for p, sp in zip(prompts, plist, strict=True):
+            if not isinstance(sp, SamplingParams):
+                raise RequestError(f"params must be SamplingParams, got {type(sp).__name__}")
+            sp.validate()
+            self.engine.encode_prompt(p)
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         while any(not self.engine.requests[i].finished for i in ids):
             self.engine.step()

@@ -1,0 +1,670 @@
+"""The engine end to end: greedy tokens equal a one-sequence reference under any pipeline plan,
+batch composition, chunked prefill, micro-batches and preemption; abort, sampling, stop
+conditions, streaming, the outputs' fields, and clear errors for bad input.
+
+The reference is greedy decoding with `full_sequence_logits` (the whole model as one stage, a
+fresh cache, one sequence), token by token, computed once per prompt. Every distinct plan and
+batch shape is a separate compile, so tests reuse engines (module fixtures) and pick prompt
+sets whose batch shapes the engine has already compiled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelive_jax.errors import ConfigError, PlanError, RequestError
+from pipelive_jax.models.llama import full_sequence_logits
+from pipelive_jax.models.registry import TINY_RANDOM, tiny_random
+from pipelive_jax.serving.engine import Engine
+from pipelive_jax.serving.llm import LLM
+from pipelive_jax.serving.sampling import SamplingParams, sample_token
+
+N_NEW = 8
+GREEDY = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
+
+# Tiny-random prompts: random ids (not bos/eos) of mixed lengths, and one at the length limit.
+_rng = np.random.default_rng(1234)
+TINY_PROMPTS = [_rng.integers(3, 512, size=n).tolist() for n in (1, 3, 7, 12, 20, 27, 33, 40)]
+LONG_PROMPT = _rng.integers(3, 512, size=63).tolist()
+TINY_OPTIONS = dict(num_pages=64, max_model_len=64)
+# Two stages on devices that are neither 0 nor in order.
+TWO_STAGES = {"stages": [{"devices": [5], "layers": [0, 2]}, {"devices": [2], "layers": [2, 6]}]}
+
+SMOL_PROMPTS = ["The capital of France is", "Once upon a time, there was"]
+SMOL_OTHERS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog and then",
+    "1, 2, 3, 4, 5,",
+    "def add(a, b):",
+    "Water boils at",
+    "My favourite colour is blue because",
+]
+SMOL_OPTIONS = dict(num_pages=64, max_model_len=64)
+
+
+# ------------------------------------------------------------------ the reference
+
+
+def _logits(model, ids: list[int], pad_to: int) -> np.ndarray:
+    """Reference logits [len(ids), vocab]: padded to one length so that one compile serves all
+    (the attention is causal, so padding after the sequence changes none of its rows)."""
+    out = full_sequence_logits(model, list(ids) + [0] * (pad_to - len(ids)))
+    return out[: len(ids)]
+
+
+def greedy_reference(model, prompts: list[list[int]], n: int, pad_to: int) -> list[list[int]]:
+    out = []
+    for prompt in prompts:
+        ids = list(prompt)
+        for _ in range(n):
+            ids.append(int(np.argmax(_logits(model, ids, pad_to)[-1])))
+        out.append(ids[len(prompt) :])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny):
+    """Greedy continuations of TINY_PROMPTS (by index) and LONG_PROMPT ("long")."""
+    refs = greedy_reference(tiny.model, [*TINY_PROMPTS, LONG_PROMPT], N_NEW, pad_to=80)
+    return {**dict(enumerate(refs[:-1])), "long": refs[-1]}
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny):
+    """The tiny model on two uneven stages, shared by the tests that need no special options."""
+    return LLM(tiny, plan=TWO_STAGES, **TINY_OPTIONS)
+
+
+def _assert_idle(engine: Engine) -> None:
+    """Nothing left to run, every page back in every stage's pool, tables consistent."""
+    assert not engine.has_unfinished()
+    for stage in engine.executor.stages:
+        stage.pages.check()
+        assert stage.pages.num_used == 0, f"stage {stage.index} leaked pages"
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.token_ids for o in outputs]
+
+
+# ------------------------------------------------------------------ greedy == reference: plans
+
+# One token per step: every step has the same shape, so a plan costs one compile per stage.
+SINGLE_TOKEN_STEPS = dict(max_num_batched_tokens=1)
+
+
+@st.composite
+def tiny_plans(draw):
+    """Random contiguous splits of the 6 layers onto distinct devices among the 8."""
+    cuts = sorted(draw(st.sets(st.integers(1, 5))))
+    bounds = [0, *cuts, 6]
+    devices = draw(st.permutations(range(8)))
+    return {
+        "stages": [
+            {"devices": [devices[i]], "layers": [a, b]}
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))
+        ]
+    }
+
+
+@settings(max_examples=8, deadline=None)
+@given(plan=tiny_plans())
+def test_tiny_greedy_matches_reference_under_any_plan(tiny, tiny_ref, plan):
+    llm = LLM(tiny, plan=plan, **TINY_OPTIONS, **SINGLE_TOKEN_STEPS)
+    assert llm.engine.plan.to_json() == plan
+    picks = [0, 2, 4]
+    outs = llm.generate([TINY_PROMPTS[i] for i in picks], GREEDY)
+    assert _tokens(outs) == [tiny_ref[i] for i in picks]
+    _assert_idle(llm.engine)
+
+
+@pytest.fixture(scope="module")
+def smol_ref(smollm2):
+    """Greedy continuations of SMOL_PROMPTS (the one SmolLM2 reference of this module)."""
+    ids = [smollm2.tokenizer.encode(p) for p in SMOL_PROMPTS]
+    return greedy_reference(smollm2.model, ids, N_NEW, pad_to=32)
+
+
+@pytest.fixture(scope="module")
+def smol_llm(smollm2):
+    return LLM(smollm2, plan=[30], **SMOL_OPTIONS)
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("plan", [[30], [10, 20], [7, 13, 10], [3, 9, 6, 8, 4]], ids=str)
+def test_smollm2_greedy_matches_reference_under_plans(smollm2, smol_ref, smol_llm, plan):
+    llm = smol_llm if plan == [30] else LLM(smollm2, plan=plan, **SMOL_OPTIONS)
+    assert [s.num_layers for s in llm.engine.plan.stages] == plan
+    outs = llm.generate(SMOL_PROMPTS, GREEDY)
+    assert _tokens(outs) == smol_ref
+    for o in outs:
+        assert o.text == smollm2.tokenizer.decode(o.token_ids)
+    _assert_idle(llm.engine)
+
+
+# ------------------------------------------------------------------ batch composition
+
+
+def test_tiny_request_alone_and_in_a_batch_of_eight(tiny_llm, tiny_ref):
+    (alone,) = tiny_llm.generate(TINY_PROMPTS[3], GREEDY)  # one list of ids is one prompt
+    assert alone.token_ids == tiny_ref[3]
+    batch = tiny_llm.generate(TINY_PROMPTS, GREEDY)
+    assert _tokens(batch) == [tiny_ref[i] for i in range(len(TINY_PROMPTS))]
+    _assert_idle(tiny_llm.engine)
+
+
+@pytest.mark.smollm2
+def test_smollm2_request_alone_and_in_a_batch_of_eight(smol_llm, smol_ref):
+    (alone,) = smol_llm.generate(SMOL_PROMPTS[0], GREEDY)
+    assert alone.token_ids == smol_ref[0]
+    batch = smol_llm.generate([SMOL_PROMPTS[0], *SMOL_OTHERS, SMOL_PROMPTS[1]], GREEDY)
+    assert len(batch) == 8
+    assert batch[0].token_ids == smol_ref[0]
+    assert batch[-1].token_ids == smol_ref[1]
+    _assert_idle(smol_llm.engine)
+
+
+def test_chunked_prefill_keeps_tokens(tiny, tiny_ref):
+    llm = LLM(tiny, plan=[6], max_num_batched_tokens=8, **TINY_OPTIONS)
+    # 63 tokens: 8 chunks; the first token reaches max_model_len = 64, so it ends there
+    (long,) = llm.generate(LONG_PROMPT, GREEDY)
+    assert long.token_ids == tiny_ref["long"][:1]
+    assert long.finish_reason == "length"
+    assert llm.engine.step_count >= 8
+    outs = llm.generate([TINY_PROMPTS[6], TINY_PROMPTS[4], TINY_PROMPTS[1]], GREEDY)
+    assert _tokens(outs) == [tiny_ref[6], tiny_ref[4], tiny_ref[1]]
+    _assert_idle(llm.engine)
+
+
+def test_two_microbatches_on_two_stages_keep_tokens(tiny, tiny_ref):
+    llm = LLM(tiny, plan=[3, 3], num_microbatches=2, **TINY_OPTIONS)
+    executor = llm.engine.executor
+    run, sizes = executor.run, []
+
+    def counting_run(batches):
+        sizes.append(len(batches))
+        return run(batches)
+
+    executor.run = counting_run
+    outs = llm.generate(TINY_PROMPTS, GREEDY)
+    assert _tokens(outs) == [tiny_ref[i] for i in range(len(TINY_PROMPTS))]
+    assert max(sizes) == 2  # the steps really were split
+    _assert_idle(llm.engine)
+
+
+def test_preemption_under_a_small_pool_keeps_tokens(tiny, tiny_ref):
+    # 11 usable pages of 4 tokens; the four requests need 5 + 7 + 9 + 11 pages at their ends.
+    llm = LLM(tiny, plan=[6], num_pages=12, page_size=4, max_model_len=44, max_num_seqs=8)
+    picks = [3, 4, 5, 6]
+    outs = llm.generate([TINY_PROMPTS[i] for i in picks], GREEDY)
+    assert _tokens(outs) == [tiny_ref[i] for i in picks]  # what a large pool gives
+    engine = llm.engine
+    assert engine.scheduler.num_preemptions > 0
+    assert sum(o.metrics.preemptions for o in outs) == engine.scheduler.num_preemptions
+    assert all(o.finish_reason == "length" for o in outs)
+    _assert_idle(engine)
+
+
+# ------------------------------------------------------------------ abort
+
+
+def test_abort_waiting_and_running_frees_exactly_their_pages(tiny_llm, tiny_ref):
+    engine = tiny_llm.engine
+    assert engine.abort("no-such-request") is False
+
+    rid = engine.add_request(TINY_PROMPTS[3], GREEDY)
+    used = [s.pages.num_used for s in engine.executor.stages]
+    assert engine.abort(rid) is True
+    assert [s.pages.num_used for s in engine.executor.stages] == used
+    out = engine.get_output(rid)
+    assert (out.finished, out.finish_reason, out.token_ids) == (True, "abort", [])
+    assert engine.abort(rid) is False  # already finished
+    assert not engine.has_unfinished()
+
+    a = engine.add_request(TINY_PROMPTS[3], GREEDY)
+    b = engine.add_request(TINY_PROMPTS[1], GREEDY)
+    seen = []
+    engine.subscribe(a, seen.append)
+    engine.step()  # both prompts prefilled, one token each
+    stages = engine.executor.stages
+    used = [s.pages.num_used for s in stages]
+    owned_a = [len(s.pages.pages[a]) for s in stages]
+    assert all(n > 0 for n in owned_a)
+    assert engine.abort(a) is True
+    assert [s.pages.num_used for s in stages] == [u - n for u, n in zip(used, owned_a, strict=True)]
+    for s in stages:
+        assert a not in s.pages.pages
+        s.pages.check()
+    out = engine.get_output(a)
+    assert (out.finished, out.finish_reason, out.token_ids) == (True, "abort", tiny_ref[3][:1])
+    assert seen[-1].finished and seen[-1].finish_reason == "abort"
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.get_output(b).token_ids == tiny_ref[1]
+    _assert_idle(engine)
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def _sampled(seed: int | None, **kw) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=N_NEW, temperature=1.0, top_k=40, top_p=0.9, seed=seed, ignore_eos=True, **kw
+    )
+
+
+def test_seeded_sampling_is_reproducible_across_batches(tiny, tiny_llm, tiny_ref):
+    prompt = TINY_PROMPTS[3]
+    (first,) = tiny_llm.generate(prompt, _sampled(7))
+    (again,) = tiny_llm.generate(prompt, _sampled(7))
+    assert again.token_ids == first.token_ids
+    # the same request among a greedy and another sampled one (the same batch shapes)
+    mixed = tiny_llm.generate(
+        [prompt, TINY_PROMPTS[0], TINY_PROMPTS[1]], [_sampled(7), GREEDY, _sampled(8)]
+    )
+    assert mixed[0].token_ids == first.token_ids
+    assert mixed[1].token_ids == tiny_ref[0]
+    others = [tiny_llm.generate(prompt, _sampled(s))[0].token_ids for s in (1, 2, 3)]
+    assert all(o != first.token_ids for o in others)
+    # every sampled token lies in the top-k and the nucleus of the reference's logits
+    logits = _logits(tiny.model, prompt + first.token_ids, pad_to=80)
+    for j, tok in enumerate(first.token_ids):
+        row = logits[len(prompt) + j - 1].astype(np.float64)
+        order = np.argsort(-row, kind="stable")
+        assert tok in order[:40].tolist()
+        p = np.exp(row[order[:40]] - row[order[0]])
+        p /= p.sum()
+        nucleus = order[: int(np.searchsorted(np.cumsum(p), 0.9)) + 1]
+        assert tok in nucleus.tolist()
+    _assert_idle(tiny_llm.engine)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _chi_square(draws: list[int], p: np.ndarray) -> float:
+    counts = np.bincount(draws, minlength=len(p))
+    assert counts[p == 0].sum() == 0, "drew a token of probability 0"
+    n = len(draws)
+    keep = p > 0
+    return float((((counts - n * p) ** 2)[keep] / (n * p[keep])).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sample_token_top_k_one_and_tiny_top_p_are_greedy(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=300).astype(np.float32)
+    best = int(np.argmax(logits))
+    for params in (
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=0.3, top_p=1e-6),
+        SamplingParams(temperature=5.0, top_k=1, top_p=0.5),
+        SamplingParams(temperature=0.0, top_k=7, top_p=0.2),
+    ):
+        assert [sample_token(logits, params, rng) for _ in range(20)] == [best] * 20
+
+
+def test_sample_token_greedy_draws_no_random_numbers():
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    logits = np.array([0.1, 3.0, -1.0], np.float32)
+    assert sample_token(logits, SamplingParams(), a) == 1
+    assert a.random() == b.random()
+
+
+def test_sample_token_same_seed_same_draws():
+    logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    p = SamplingParams(temperature=1.0, top_k=20, top_p=0.95)
+    a, b = np.random.default_rng(11), np.random.default_rng(11)
+    assert [sample_token(logits, p, a) for _ in range(100)] == [
+        sample_token(logits, p, b) for _ in range(100)
+    ]
+
+
+# chi-square with 5 degrees of freedom exceeds 35 with probability about 2e-6
+CHI2_BOUND = 35.0
+LOGITS6 = np.array([1.0, 0.5, 0.0, -0.5, 2.0, -1.0], np.float32)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (SamplingParams(temperature=1.0), _softmax(LOGITS6.astype(np.float64))),
+        (SamplingParams(temperature=2.0), _softmax(LOGITS6.astype(np.float64) / 2)),
+        # top_k 3 keeps logits 2.0, 1.0, 0.5
+        (
+            SamplingParams(temperature=2.0, top_k=3),
+            _softmax(np.where(LOGITS6 >= 0.5, LOGITS6 / 2, -np.inf).astype(np.float64)),
+        ),
+    ],
+    ids=["t1", "t2", "t2-topk3"],
+)
+def test_sample_token_follows_the_softmax(params, expected):
+    rng = np.random.default_rng(42)
+    draws = [sample_token(LOGITS6, params, rng) for _ in range(20000)]
+    assert _chi_square(draws, expected) < CHI2_BOUND
+
+
+def test_sample_token_top_p_keeps_the_smallest_nucleus():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(p).astype(np.float32)
+    rng = np.random.default_rng(3)
+    for top_p, kept in ((0.7, 2), (0.85, 3), (0.4, 1)):
+        draws = [
+            sample_token(logits, SamplingParams(temperature=1.0, top_p=top_p), rng)
+            for _ in range(6000)
+        ]
+        expected = np.where(np.arange(4) < kept, p, 0.0)
+        expected /= expected.sum()
+        assert _chi_square(draws, expected) < 25.0, top_p
+
+
+# ------------------------------------------------------------------ stop conditions
+
+
+def test_stop_token_ids_and_max_tokens(tiny_llm, tiny_ref):
+    ref = tiny_ref[3]
+    stop_tok = ref[4]
+    j = ref.index(stop_tok)
+    (out,) = tiny_llm.generate(
+        TINY_PROMPTS[3],
+        SamplingParams(max_tokens=N_NEW, stop_token_ids=[stop_tok], ignore_eos=True),
+    )
+    assert out.token_ids == ref[: j + 1]  # the stop token is kept
+    assert out.finish_reason == "stop"
+    (out,) = tiny_llm.generate(TINY_PROMPTS[3], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert out.token_ids == ref[:3]
+    assert out.finish_reason == "length"
+    _assert_idle(tiny_llm.engine)
+
+
+def test_eos_stops_unless_ignored(tiny_ref):
+    ref = tiny_ref[3]
+    eos = ref[2]
+    j = ref.index(eos)
+    # the same seeded weights, with one of the reference's tokens as end of sequence
+    model = tiny_random(0, dataclasses.replace(TINY_RANDOM, eos_token_id=eos))
+    llm = LLM(model, plan=[6], **TINY_OPTIONS)
+    (out,) = llm.generate(TINY_PROMPTS[3], SamplingParams(max_tokens=N_NEW))
+    assert (out.token_ids, out.finish_reason) == (ref[: j + 1], "stop")
+    (out,) = llm.generate(TINY_PROMPTS[3], SamplingParams(max_tokens=N_NEW, ignore_eos=True))
+    assert (out.token_ids, out.finish_reason) == (ref, "length")
+    _assert_idle(llm.engine)
+
+
+@pytest.mark.smollm2
+def test_smollm2_stop_string_cuts_the_text(smollm2, smol_llm, smol_ref):
+    tok = smollm2.tokenizer
+    (full,) = smol_llm.generate(SMOL_PROMPTS[0], GREEDY)
+    assert full.token_ids == smol_ref[0]
+    text = full.text
+    # a stop string that starts inside the greedy text, after its third token
+    start = len(tok.decode(full.token_ids[:3]))
+    stop = text[start : start + 3]
+    assert stop.strip(), f"pick another prompt: {text!r}"
+    cut = text.index(stop)
+    (out,) = smol_llm.generate(
+        SMOL_PROMPTS[0], SamplingParams(max_tokens=N_NEW, stop=[stop], ignore_eos=True)
+    )
+    assert out.finish_reason == "stop"
+    assert out.text == text[:cut]
+    assert stop not in out.text
+    n = len(out.token_ids)
+    assert out.token_ids == full.token_ids[:n]  # ends at the token that completed the stop
+    assert stop in tok.decode(out.token_ids) and stop not in tok.decode(out.token_ids[:-1])
+    _assert_idle(smol_llm.engine)
+
+
+# ------------------------------------------------------------------ streaming
+
+
+async def _collect(engine: Engine, prompt, params) -> list:
+    return [out async for out in engine.stream(prompt, params)]
+
+
+def _check_stream(outs, ref: list[int]) -> None:
+    assert [len(o.token_ids) for o in outs] == list(range(1, len(ref) + 1))
+    for k, o in enumerate(outs):
+        assert o.token_ids == ref[: k + 1]
+        assert o.new_token_ids == [ref[k]]
+        assert o.finished == (k == len(outs) - 1)
+    assert outs[-1].finish_reason == "length"
+
+
+def test_stream_yields_growing_outputs_then_finished(tiny_llm, tiny_ref):
+    outs = asyncio.run(_collect(tiny_llm.engine, TINY_PROMPTS[3], GREEDY))
+    _check_stream(outs, tiny_ref[3])
+    _assert_idle(tiny_llm.engine)
+
+
+def test_two_concurrent_streams_complete(tiny_llm, tiny_ref):
+    async def both():
+        return await asyncio.gather(
+            _collect(tiny_llm.engine, TINY_PROMPTS[3], GREEDY),
+            _collect(tiny_llm.engine, TINY_PROMPTS[1], GREEDY),
+        )
+
+    a, b = asyncio.run(asyncio.wait_for(both(), timeout=120))
+    _check_stream(a, tiny_ref[3])
+    _check_stream(b, tiny_ref[1])
+    _assert_idle(tiny_llm.engine)
+
+
+def test_closing_a_stream_early_aborts_its_request(tiny_llm, tiny_ref):
+    engine = tiny_llm.engine
+
+    async def first_only():
+        async with contextlib.aclosing(engine.stream(TINY_PROMPTS[3], GREEDY)) as stream:
+            async for out in stream:
+                return out
+
+    out = asyncio.run(first_only())
+    assert out.token_ids == tiny_ref[3][:1]
+    assert engine.get_output(out.request_id).finish_reason == "abort"
+    _assert_idle(engine)
+
+
+def test_stream_with_the_background_loop_sees_a_request_that_ends_at_once(tiny_llm, monkeypatch):
+    engine = tiny_llm.engine
+    subscribe = engine.subscribe
+
+    def late_subscribe(request_id, callback):
+        # A subscription made after add_request returns could miss outputs; stream must
+        # register its callback with the request itself, never through a later subscribe.
+        time.sleep(0.5)
+        subscribe(request_id, callback)
+
+    monkeypatch.setattr(engine, "subscribe", late_subscribe)
+    engine.start()
+    try:
+        one = SamplingParams(max_tokens=1, ignore_eos=True)
+        outs = asyncio.run(asyncio.wait_for(_collect(engine, TINY_PROMPTS[3], one), timeout=3))
+    finally:
+        engine.stop()
+    assert outs[-1].finished
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def test_generate_returns_outputs_in_input_order_with_their_fields(tiny_llm, tiny_ref):
+    picks = [3, 0, 1]  # the shapes of the requests alone and of the abort test
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (N_NEW, 1, 3)]
+    outs = tiny_llm.generate([TINY_PROMPTS[i] for i in picks], params)
+    assert len({o.request_id for o in outs}) == 3
+    for o, i, p in zip(outs, picks, params, strict=True):
+        assert o.prompt_token_ids == TINY_PROMPTS[i]
+        assert o.token_ids == tiny_ref[i][: p.max_tokens]
+        assert o.text == ""  # tiny-random has no tokenizer
+        assert (o.finished, o.finish_reason) == (True, "length")
+        m = o.metrics
+        assert m.ttft is not None and m.ttft > 0
+        assert m.e2e is not None and m.e2e >= m.ttft
+        assert len(m.token_times) == p.max_tokens
+        if p.max_tokens > 1:
+            assert m.tpot is not None and m.tpot >= 0
+            assert len(m.itl) == p.max_tokens - 1
+        else:
+            assert m.tpot is None and m.itl == []
+    _assert_idle(tiny_llm.engine)
+
+
+def test_user_vocabulary_is_importable_from_the_package():
+    import pipelive_jax
+    from pipelive_jax import LLM as TopLLM
+    from pipelive_jax import SamplingParams as TopParams
+
+    assert TopLLM is LLM and TopParams is SamplingParams
+    with pytest.raises(AttributeError, match="no attribute 'Engine'"):
+        pipelive_jax.Engine  # noqa: B018
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(max_tokens=-1), "max_tokens=-1: must be an integer >= 1"),
+        (dict(max_tokens=0), "max_tokens=0"),
+        (dict(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
+        (dict(temperature=-1.0), "temperature=-1.0: must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(top_k=-2), "top_k=-2"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(RequestError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_are_refused_and_the_engine_still_serves(tiny_llm, tiny_ref):
+    engine = tiny_llm.engine
+    known = set(engine.requests)
+    mutated = SamplingParams()
+    mutated.max_tokens = -5  # changed after construction: add_request validates again
+    bad = [
+        (([],), RequestError, "prompt is empty"),
+        (([5, 512],), RequestError, r"prompt token ids must be in \[0, 512\)"),
+        (([5, -1],), RequestError, r"\[0, 512\)"),
+        (([7] * 64,), RequestError, "prompt has 64 tokens; max_model_len is 64"),
+        (("hello",), RequestError, "no tokenizer"),
+        ((3.5,), RequestError, "prompt must be a string or a list of token ids"),
+        (([5], mutated), RequestError, "max_tokens=-5"),
+        (([5], {"max_tokens": 3}), RequestError, "params must be SamplingParams"),
+    ]
+    for args, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            engine.add_request(*args)
+        assert set(engine.requests) == known and not engine.has_unfinished()
+    rid = engine.add_request(TINY_PROMPTS[0], GREEDY, request_id="mine")
+    with pytest.raises(RequestError, match="request id 'mine' is already in use"):
+        engine.add_request(TINY_PROMPTS[1], GREEDY, request_id="mine")
+    engine.abort(rid)
+    with pytest.raises(RequestError, match="non-empty list"):
+        tiny_llm.generate([])
+    with pytest.raises(RequestError, match="2 SamplingParams for 1 prompts"):
+        tiny_llm.generate([TINY_PROMPTS[0]], [GREEDY, GREEDY])
+    (out,) = tiny_llm.generate([TINY_PROMPTS[0]], GREEDY)
+    assert out.token_ids == tiny_ref[0]
+    _assert_idle(engine)
+
+
+def test_a_refused_batch_leaves_nothing_queued(tiny_llm):
+    engine = tiny_llm.engine
+    try:
+        with pytest.raises(RequestError, match="prompt is empty"):
+            tiny_llm.generate([TINY_PROMPTS[0], []])
+        assert not engine.has_unfinished()
+    finally:
+        while engine.has_unfinished():  # leave the shared engine clean for the next tests
+            engine.step()
+
+
+@pytest.mark.parametrize(
+    ("plan", "options", "exc", "match"),
+    [
+        (None, dict(flavour="vanilla"), ConfigError, "unknown engine option"),
+        (None, dict(page_size=12), ConfigError, "page_size must be a power of two, got 12"),
+        (None, dict(num_microbatches=0), ConfigError, "num_microbatches must be >= 1"),
+        (None, dict(memory_utilization=1.5), ConfigError, "memory_utilization"),
+        (None, dict(backend="cuda"), ConfigError, "backend must be one of"),
+        (
+            [3, 3],
+            dict(num_pages=[64, 64, 64]),
+            ConfigError,
+            "num_pages lists 3 stages but the plan has 2",
+        ),
+        (
+            None,
+            dict(num_pages=4, page_size=16, max_model_len=128),
+            ConfigError,
+            "stage 0 has 3 usable KV pages but one request of max_model_len=128 needs 8",
+        ),
+        (
+            {"stages": [{"devices": [0], "layers": [0, 2]}, {"devices": [1], "layers": [3, 6]}]},
+            {},
+            PlanError,
+            r"gap between stage 0 .* and stage 1",
+        ),
+        (
+            {"stages": [{"devices": [0], "layers": [0, 4]}, {"devices": [1], "layers": [3, 6]}]},
+            {},
+            PlanError,
+            "stage 0 and stage 1 overlap on layers",
+        ),
+        (
+            {"stages": [{"devices": [0], "layers": [0, 3]}, {"devices": [9], "layers": [3, 6]}]},
+            {},
+            PlanError,
+            "stage 1 uses unknown device 9: there are 8 devices",
+        ),
+        (
+            {"stages": [{"devices": [1], "layers": [0, 3]}, {"devices": [1], "layers": [3, 6]}]},
+            {},
+            PlanError,
+            "device 1 is used by stage 0 and stage 1",
+        ),
+        ([3, 4], {}, PlanError, "the model has 6 layers"),
+        ([6, 0], {}, PlanError, "stage 1 is empty"),
+    ],
+    ids=[
+        "unknown-option",
+        "page-size",
+        "microbatches",
+        "utilization",
+        "backend",
+        "num-pages-list",
+        "max-model-len-too-large",
+        "plan-gap",
+        "plan-overlap",
+        "plan-unknown-device",
+        "plan-device-twice",
+        "plan-too-many-layers",
+        "plan-empty-stage",
+    ],
+)
+def test_bad_engine_options_and_plans(tiny, plan, options, exc, match):
+    opts = {**TINY_OPTIONS, **options}
+    with pytest.raises(exc, match=match):
+        LLM(tiny, plan=plan, **opts)
+
+
+def test_engine_config_and_options_are_exclusive(tiny):
+    from pipelive_jax.serving.engine import EngineConfig
+
+    with pytest.raises(ConfigError, match="either config= or engine options"):
+        Engine(tiny, None, EngineConfig(**TINY_OPTIONS), page_size=8)
