@@ -1,4 +1,4 @@
-"""`pipelive` command line: generate, demo.
+"""`pipelive` command line: generate, demo, serve, rpc, bench, plan.
 
 JAX reads XLA_FLAGS once, at import; on CPU the CLI must give it as many host devices as the plan
 needs before anything imports JAX, so arguments are parsed first and JAX imported after.
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=48)
     d.set_defaults(func=_cmd_demo)
+    from pipelive_jax import cli_bench, cli_server  # no JAX at import: devices are set later
+
+    cli_server.register(sub)
+    cli_bench.register(sub)
     return p
 
 
