@@ -531,7 +531,8 @@ class Engine:
             ctl = ReconfigController(
                 self, plan, mode=mode, pause_budget_ms=pause_budget_ms, max_rounds=max_rounds, **kw
             )
-            self.reconfig = ctl
+            if not ctl.handle.done():  # a no-op or a failed PREPARE is over already
+                self.reconfig = ctl
             self.reconfig_history.append(ctl)
         self._wake.set()
         return ctl.handle

@@ -186,7 +186,10 @@ class ReconfigController:
             self._finish_ok()
             return
         self._enter("PREPARE")
-        self._start_prepare()
+        try:
+            self._start_prepare()
+        except Exception as e:  # noqa: BLE001 - a failed PREPARE rolls back like any other
+            self._abort(e)
 
     # ------------------------------------------------------------------ helpers
 
@@ -494,7 +497,8 @@ class ReconfigController:
         eng = self.engine
         self._run_hook("SWITCH")
         t_end_old = eng.last_step_end if eng.last_step_end is not None else time.perf_counter()
-        compiles_before = eng.cache.compiles
+        cache_before = eng.cache
+        compiles_before = cache_before.compiles
         if self.mode == "restart":
             self._restart()
         else:
@@ -540,7 +544,9 @@ class ReconfigController:
             eng.scheduler.set_page_tables(eng.executor.page_tables)
         now = time.perf_counter()
         self.report.pause_ms = (now - t_end_old) * 1e3
-        self.report.compiled_in_pause = eng.cache.compiles - compiles_before
+        self.report.compiled_in_pause = (
+            eng.cache.compiles - compiles_before if eng.cache is cache_before else eng.cache.compiles
+        )
         if self.verify and self.mode != "restart":
             self.report.verified_pages = self._verify()
         self._enter("RESIZE")
@@ -589,7 +595,6 @@ class ReconfigController:
     def _resize_prepare(self) -> None:
         """Frees what left each device; plans growth where room appeared."""
         eng = self.engine
-        self._run_hook("RESIZE")
         if self.mode != "restart":
             new_by_dev = {st.spec.devices[0]: st for st in eng.executor.stages}
             for st in self._old_stages:
@@ -603,6 +608,7 @@ class ReconfigController:
             for st in eng.executor.stages:
                 st.pages.clear_dirty()
         self._pending = None
+        self._run_hook("RESIZE")
         self._grow = []
         if eng.config.device_memory_bytes is not None and eng.config.kv_resize:
             for i, st in enumerate(eng.executor.stages):
@@ -657,6 +663,12 @@ class ReconfigController:
         eng = self.engine
         if eng.reconfig is self:
             eng.reconfig = None
+        # Drop references to the old stages (weights of moved layers, old pools) so the source
+        # devices really get their memory back; the report keeps only numbers.
+        self._old_stages = []
+        self._shrunk = []
+        self._grow = []
+        self._pending = None
         self.handle._done.set()
 
     def _abort(self, err: BaseException) -> None:
