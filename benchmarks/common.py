@@ -111,6 +111,8 @@ def versions() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         pass
     out["xla_flags"] = os.environ.get("XLA_FLAGS")
+    out["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    out["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     g = git_commit()
     out["git_commit"] = g["commit"]
     out["git_dirty"] = g["dirty"]

@@ -229,6 +229,20 @@ def main() -> None:
         hf_load_s = time.perf_counter() - t0
         hf = HF(model, tok)
 
+    config = {
+        "model": "smollm2-135m",
+        "dtype": "float32",
+        "batches": batches,
+        "prompt_len": args.prompt_len,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "systems": systems,
+        "plans": {k: PLANS[k] for k in systems if k in PLANS},
+        "prompts": "random token ids in [3, vocab), numpy default_rng(1234 + batch)",
+        "quick": args.quick,
+        "profile": args.profile,
+    }
+    out_name = args.name or ("throughput_quick" if args.quick else "throughput")
     results: dict[str, Any] = {"load_s": {"ours_model": round(our_load_s, 2), "transformers": hf_load_s and round(hf_load_s, 2)}, "by_batch": {}}
     for batch in batches:
         prompts = common.random_prompts(batch, args.prompt_len, vocab, seed=1234 + batch)
@@ -295,6 +309,8 @@ def main() -> None:
             row["stages_agree"] = tokens["ours-1stage"] == tokens["ours-2stage"]
         results["by_batch"][str(batch)] = row
         del runners
+        results["complete"] = False
+        common.write_results(out_name, config, results)  # partial results survive an interrupted run
     summary = {}
     for b, row in results["by_batch"].items():
         summary[b] = {n: row[n]["tok_s_best"] for n in systems}
@@ -304,20 +320,8 @@ def main() -> None:
     results["summary_best_tok_s"] = summary
     results["target"] = "ours >= 1.5x transformers at batch >= 8"
     common.log(f"summary: {summary}")
-    config = {
-        "model": "smollm2-135m",
-        "dtype": "float32",
-        "batches": batches,
-        "prompt_len": args.prompt_len,
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "systems": systems,
-        "plans": {k: PLANS[k] for k in systems if k in PLANS},
-        "prompts": "random token ids in [3, vocab), numpy default_rng(1234 + batch)",
-        "quick": args.quick,
-        "profile": args.profile,
-    }
-    path = common.write_results(args.name or ("throughput_quick" if args.quick else "throughput"), config, results)
+    results["complete"] = True
+    path = common.write_results(out_name, config, results)
     common.log(f"wrote {path}")
 
 

@@ -1,4 +1,4 @@
-"""Ragged paged attention: the XLA backend, which is also the test oracle.
+"""Ragged paged attention: the XLA backend (the CPU serving path and the oracle for the kernels).
 
 The contract, shared by every backend (see `pipelive_jax.kernels.paged_attention`):
 
@@ -18,17 +18,28 @@ Query token j (0-based within its chunk) of sequence i sits at absolute position
 call serves prefill chunks and single-token decodes together. Query head h reads KV head
 `h // (q_heads // kv_heads)` (grouped-query attention of any group size).
 
-This backend gathers each sequence's pages into a padded `[seqs, max_q_len, ...]` layout: XLA on
-CPU is fastest on dense batched matmuls, and `max_q_len` is a static bucket the scheduler picks.
+How this backend computes it, and why: queries go to a padded `[kv_heads, seqs, group *
+max_q_len, head_dim]` layout (XLA on CPU is fastest on dense batched matmuls; `max_q_len` is a
+static bucket the scheduler picks), then a loop walks the caches a chunk of pages at a time with
+an online softmax (running max and sum, as flash attention does). The loop's trip count is
+dynamic, `ceil(longest kv_len / chunk)`, so the work follows the real context, not the width of
+the block table, and each chunk's gathered keys and values stay small enough to live in cache.
+The version it replaced gathered each sequence's whole padded cache at once; on the 2-core CI
+machine it was about 1.7x slower per layer for decode at 32 sequences (4.8 vs 2.8 ms) and 3x
+for a 2048-token prefill chunk (737 vs 238 ms).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Finite "minus infinity": (-inf) - (-inf) is NaN, so masked scores use a large finite value.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Keys per loop iteration: 64 was fastest for decode and for prefill chunks on CPU.
+CHUNK_TOKENS = 64
 
 
 def _token_to_seq(cu_q_lens: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
@@ -54,52 +65,72 @@ def paged_attention_xla(
     sm_scale: float,
     max_q_len: int,
     soft_cap: float | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> jax.Array:
     """XLA implementation of the ragged paged-attention contract (module docstring).
 
-    `max_q_len` (static) bounds every sequence's query length in this batch.
+    `max_q_len` (static) bounds every sequence's query length in this batch; `chunk_tokens`
+    (static, rounded to whole pages) is how many cache positions one loop iteration reads.
     """
     num_tokens, q_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = block_tables.shape
     group = q_heads // kv_heads
-    ctx = pages_per_seq * page_size
+    gq = group * max_q_len
+    chunk = max(1, min(chunk_tokens // page_size, pages_per_seq))  # pages per iteration
+    n_max = -(-pages_per_seq // chunk)
+    if n_max * chunk != pages_per_seq:  # pad with page 0, the reserved padding page
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, n_max * chunk - pages_per_seq)))
+    ct = chunk * page_size  # cache positions per iteration
 
     num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
-    seq_ids = jnp.arange(max_seqs, dtype=jnp.int32)
-    q_lens = jnp.where(seq_ids < num_seqs, cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [S]
+    seq_valid = jnp.arange(max_seqs, dtype=jnp.int32) < num_seqs
+    q_lens = jnp.where(seq_valid, cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [S]
+    kv_lens = jnp.where(seq_valid, kv_lens, 0)
 
-    # Packed tokens -> padded [seqs, max_q_len].
+    # Packed tokens -> [Hkv, S, G * Qm, D], rows ordered (g, j).
     j = jnp.arange(max_q_len, dtype=jnp.int32)
     tok = jnp.clip(cu_q_lens[:-1, None] + j[None, :], 0, num_tokens - 1)  # [S, Qm]
     q_valid = j[None, :] < q_lens[:, None]  # [S, Qm]
     qp = q[tok].astype(jnp.float32).reshape(max_seqs, max_q_len, kv_heads, group, head_dim)
+    qp = qp.transpose(2, 0, 3, 1, 4).reshape(kv_heads, max_seqs, gq, head_dim)
+    # Absolute position of each query row; -1 (sees nothing) for padding rows.
+    q_pos = jnp.where(q_valid, kv_lens[:, None] - q_lens[:, None] + j[None, :], -1)  # [S, Qm]
+    q_pos = jnp.broadcast_to(q_pos[:, None, :], (max_seqs, group, max_q_len)).reshape(
+        max_seqs, gq
+    )
 
-    # Each sequence's cache, contiguous: [kv_heads, S, ctx, head_dim].
-    k = k_pages[:, block_tables].reshape(kv_heads, max_seqs, ctx, head_dim).astype(jnp.float32)
-    v = v_pages[:, block_tables].reshape(kv_heads, max_seqs, ctx, head_dim).astype(jnp.float32)
+    def body(i, carry):
+        m, denom, acc = carry  # [Hkv, S, GQ, 1], [Hkv, S, GQ, 1], [Hkv, S, GQ, D]
+        pages = lax.dynamic_slice_in_dim(block_tables, i * chunk, chunk, axis=1)  # [S, C]
+        k = k_pages[:, pages].reshape(kv_heads, max_seqs, ct, head_dim).astype(jnp.float32)
+        v = v_pages[:, pages].reshape(kv_heads, max_seqs, ct, head_dim).astype(jnp.float32)
+        s = jnp.einsum("hsqd,hskd->hsqk", qp, k) * sm_scale  # [Hkv, S, GQ, ct]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = i * ct + jnp.arange(ct, dtype=jnp.int32)
+        in_seq = kv_pos[None, :] < kv_lens[:, None]  # [S, ct]
+        mask = ((kv_pos[None, None, :] <= q_pos[:, :, None]) & in_seq[:, None, :])[None]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+        # Stale slots past a sequence's end may hold anything (a reused page); 0 * NaN is NaN,
+        # so zero them in V rather than relying on a zero softmax weight.
+        v = jnp.where(in_seq[None, :, :, None], v, 0.0)
+        acc = acc * alpha + jnp.einsum("hsqk,hskd->hsqd", p, v)
+        return m_new, denom * alpha + jnp.sum(p, axis=-1, keepdims=True), acc
 
-    scores = jnp.einsum("sqhgd,hskd->shgqk", qp, k) * sm_scale  # [S, Hkv, G, Qm, ctx]
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    q_pos = kv_lens[:, None] - q_lens[:, None] + j[None, :]  # [S, Qm]
-    kv_pos = jnp.arange(ctx, dtype=jnp.int32)
-    mask = (
-        (kv_pos[None, None, :] <= q_pos[:, :, None])
-        & (kv_pos[None, None, :] < kv_lens[:, None, None])
-        & q_valid[:, :, None]
-    )  # [S, Qm, ctx]
-    # Stale slots past a sequence's end may hold anything (a reused page); 0 * NaN is NaN, so
-    # zero them in V rather than relying on a zero softmax weight.
-    in_seq = kv_pos[None, :] < kv_lens[:, None]  # [S, ctx]
-    v = jnp.where(in_seq[None, :, :, None], v, 0.0)
-    mask = mask[:, None, None]  # broadcast over (Hkv, G)
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(scores - m), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0.0, 1.0, denom)
-    out = jnp.einsum("shgqk,hskd->sqhgd", p, v).reshape(max_seqs, max_q_len, q_heads, head_dim)
+    n_chunks = jnp.minimum((jnp.max(kv_lens) + ct - 1) // ct, n_max)
+    init = (
+        jnp.full((kv_heads, max_seqs, gq, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((kv_heads, max_seqs, gq, 1), jnp.float32),
+        jnp.zeros((kv_heads, max_seqs, gq, head_dim), jnp.float32),
+    )
+    _, denom, acc = lax.fori_loop(0, n_chunks, body, init)
+    out = acc / jnp.where(denom == 0.0, 1.0, denom)
+    out = out.reshape(kv_heads, max_seqs, group, max_q_len, head_dim)
+    out = out.transpose(1, 3, 0, 2, 4).reshape(max_seqs, max_q_len, q_heads, head_dim)
 
     # Padded -> packed tokens.
     seq, jt = _token_to_seq(cu_q_lens, num_tokens)
