@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,8 @@ from pipelive_jax.serving.pipeline import (
 from pipelive_jax.serving.request import Request, RequestOutput
 from pipelive_jax.serving.sampling import SamplingParams, sample_token
 from pipelive_jax.serving.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+
+log = logging.getLogger("pipelive.engine")
 
 
 @dataclass
@@ -155,6 +158,8 @@ class Engine:
         self._lock = threading.RLock()
         self._subscribers: dict[str, list[Callable[[RequestOutput], None]]] = {}
         self._thread: threading.Thread | None = None
+        self.loop_errors = 0  # steps of the background loop that raised (logged, survived)
+        self.last_loop_error: str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.reconfig: Any = None  # the ReconfigController in flight, if any
@@ -350,14 +355,15 @@ class Engine:
         n = len(seqs)
         t = sum(s.num_tokens for s in seqs)
         max_q = max(s.num_tokens for s in seqs)
-        max_pages_per_seq = -(-c.max_model_len // c.page_size)
-        owned = max(len(self.executor.stages[0].pages.pages[s.request.request_id]) for s in seqs)
         n_b = bucket(n, 4, c.max_num_seqs)
         t_b = bucket(t, max(8, n_b))
+        # The block table is always max_model_len wide: attention loops over the real context
+        # (both backends stop at the longest kv_len), so a narrower table would save nothing but
+        # cost a compiled function per width.
         shape = BatchShape(
             num_tokens=t_b,
             max_seqs=n_b,
-            pages_per_seq=bucket(owned, 4, max_pages_per_seq),
+            pages_per_seq=-(-c.max_model_len // c.page_size),
             max_q_len=bucket(max_q, 1, t_b),
         )
         self._shapes_seen[shape] = self.step_count
@@ -434,8 +440,16 @@ class Engine:
     # ------------------------------------------------------------------ streaming
 
     def _publish(self, req: Request) -> None:
-        for cb in self._subscribers.get(req.request_id, []):
-            cb(req.to_output())
+        """Hands a request's output to its subscribers. A subscriber that raises is logged and
+        dropped: it runs in the middle of a step, and must not stop the step half-way (the
+        other requests of the batch would lose their tokens) or the engine loop."""
+        subs = self._subscribers.get(req.request_id, [])
+        for cb in list(subs):
+            try:
+                cb(req.to_output())
+            except Exception:  # noqa: BLE001 - user code
+                log.exception("output callback of request %s failed; unsubscribed", req.request_id)
+                subs.remove(cb)
         if req.finished:
             self._subscribers.pop(req.request_id, None)
 
@@ -482,12 +496,18 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.has_unfinished():
-                if not self.step() and not self.scheduler.has_unfinished():
-                    time.sleep(0.002)  # only a reconfiguration in flight: let its thread work
-            else:
-                self._wake.wait(0.05)
-                self._wake.clear()
+            try:
+                if self.has_unfinished():
+                    if not self.step() and not self.scheduler.has_unfinished():
+                        time.sleep(0.002)  # only a reconfiguration in flight: let its thread work
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as e:  # noqa: BLE001 - the loop of a server must survive a bad step
+                self.loop_errors += 1
+                self.last_loop_error = f"{type(e).__name__}: {e}"
+                log.exception("engine step failed; serving goes on")
+                time.sleep(0.1)
 
     def stop(self, *, drain: bool = False, timeout: float = 30.0) -> None:
         """Stops the background loop; `drain` first lets in-flight requests finish (up to timeout)."""

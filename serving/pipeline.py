@@ -115,6 +115,7 @@ class CompileCache:
         self.backend = backend
         self._fns: dict[tuple, Any] = {}
         self._lock = threading.Lock()
+        self._inflight: dict[tuple, threading.Event] = {}
         self.compiles = 0
 
     @staticmethod
@@ -130,13 +131,37 @@ class CompileCache:
         )
 
     def get(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> Any:
+        """The compiled function for a key, compiling it at most once: a thread that asks for a
+        key another thread is compiling waits for that compile instead of starting its own (the
+        engine thread meeting a shape the background AOT thread is busy with)."""
         k = self.key(stage, shape, num_pages)
         fn = self._fns.get(k)
-        if fn is None:
+        if fn is not None:
+            return fn
+        with self._lock:
+            fn = self._fns.get(k)
+            if fn is not None:
+                return fn
+            event = self._inflight.get(k)
+            owner = event is None
+            if owner:
+                event = self._inflight[k] = threading.Event()
+        assert event is not None
+        if not owner:
+            event.wait()
+            fn = self._fns.get(k)
+            if fn is not None:
+                return fn
+            return self.get(stage, shape, num_pages)  # the other compile failed: try ourselves
+        try:
             fn = self._compile(stage, shape, num_pages)
             with self._lock:
-                self._fns.setdefault(k, fn)
-        return fn
+                self._fns[k] = fn
+            return fn
+        finally:
+            with self._lock:
+                del self._inflight[k]
+            event.set()
 
     def has(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> bool:
         return self.key(stage, shape, num_pages) in self._fns

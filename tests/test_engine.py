@@ -217,6 +217,27 @@ def test_preemption_under_a_small_pool_keeps_tokens(tiny, tiny_ref):
 # ------------------------------------------------------------------ abort
 
 
+def test_a_failing_output_callback_does_not_cost_other_requests_their_tokens(tiny_llm, tiny_ref):
+    """A subscriber that raises runs mid-step: it is dropped, and every request of the batch,
+    its own included, still gets exactly the reference tokens."""
+    engine = tiny_llm.engine
+    calls = []
+
+    def bad(out):
+        calls.append(out.request_id)
+        raise RuntimeError("client went away")
+
+    seen = []
+    a = engine.add_request(TINY_PROMPTS[2], GREEDY, on_output=bad)
+    b = engine.add_request(TINY_PROMPTS[4], GREEDY, on_output=seen.append)
+    while engine.has_unfinished():
+        engine.step()
+    assert calls == [a]  # called once, then unsubscribed
+    assert engine.get_output(a).token_ids == tiny_ref[2]
+    assert engine.get_output(b).token_ids == tiny_ref[4]
+    assert seen[-1].finished and len(seen) == N_NEW
+
+
 def test_abort_waiting_and_running_frees_exactly_their_pages(tiny_llm, tiny_ref):
     engine = tiny_llm.engine
     assert engine.abort("no-such-request") is False
