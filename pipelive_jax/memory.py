@@ -217,6 +217,11 @@ class DeviceAdmission:
     max_pages_transition: int
     max_pages_target: int | None
     pages_in_use: int
+    # Whether the transition's weights (and embedding/head) fit at all, and the capacity before
+    # rounding to the granule: a capacity of 0 can mean either "no room for the weights" or "room
+    # for fewer pages than one granule", and the refusal must say which.
+    weights_fit_transition: bool = True
+    raw_pages_transition: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -251,18 +256,23 @@ class Admission:
         if self.ok:
             return None
         d = self.devices[self.device]
-        if d.max_pages_transition == 0:
+        if not d.weights_fit_transition:
             cause = (
                 f"device {d.device} cannot even hold the weights of the "
                 f"{d.resident_layers_transition} layers it holds during the transition "
                 "(old and new plan together)"
             )
         else:
+            rounding = (
+                f", {d.raw_pages_transition} before rounding down to the pool size granule"
+                if d.raw_pages_transition != d.max_pages_transition
+                else ""
+            )
             cause = (
                 f"device {d.device} holds {d.resident_layers_transition} layers during the "
                 f"transition (old and new plan together) and can fit only {self.pages_that_fit} "
-                f"pages in use per layer there (a pool of {d.max_pages_transition} pages, "
-                f"{RESERVED_PAGES} reserved)"
+                f"pages in use per layer there (a pool of {d.max_pages_transition} pages"
+                f"{rounding}, {RESERVED_PAGES} reserved)"
             )
         return (
             f"plan refused: {cause}, but {self.pages_needed} pages are in use; "
@@ -324,8 +334,10 @@ def admit(
         new_layers = set(plan_new.layers_on(dev))
         l_trans = len(old_layers | new_layers)
         extra_trans = _device_extra_bytes(model, plans, dev)
-        cap_trans = round_capacity(
-            max_pages(budgets[dev], model, l_trans, page_size, extra_trans), granule
+        raw_trans = max_pages(budgets[dev], model, l_trans, page_size, extra_trans)
+        cap_trans = round_capacity(raw_trans, granule)
+        weights_fit = (
+            budgets[dev].usable_bytes - l_trans * model.weight_bytes_per_layer() - extra_trans >= 0
         )
         cap_target: int | None = None
         if new_layers:
@@ -341,6 +353,8 @@ def admit(
             max_pages_transition=cap_trans,
             max_pages_target=cap_target,
             pages_in_use=int(pages_in_use.get(dev, 0)),
+            weights_fit_transition=weights_fit,
+            raw_pages_transition=raw_trans,
         )
     binding = min(devices, key=lambda d: (per_device[d].max_pages_transition, d))
     needed = max((int(n) for n in pages_in_use.values()), default=0)

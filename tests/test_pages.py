@@ -147,6 +147,34 @@ def test_slots_mark_dirty_only_when_asked():
     assert pt.take_dirty().tolist() == []
 
 
+def test_dirty_record_is_per_slot():
+    """Migration patches the slots a step wrote: the record keeps slots, not only pages, and
+    taking either view consumes the record."""
+    pt = PageTable(16, 4)
+    pt.reserve("a", 16)  # pages 1..4: slots 4..19
+    pt.reserve("b", 5)  # pages 5, 6: slots 20..27
+    written = np.concatenate([pt.slots("a", 3, 2), pt.slots("b", 4, 1)])
+    assert sorted(written.tolist()) == [7, 8, 24]
+    assert pt.take_dirty_slots().tolist() == [7, 8, 24]
+    assert pt.take_dirty_slots().tolist() == []
+    pt.slots("a", 0, 1)
+    assert pt.take_dirty().tolist() == [1]
+    assert pt.take_dirty_slots().tolist() == []  # the page view consumed it
+    pt.slots("b", 0, 1)
+    pt.clear_dirty()
+    assert pt.take_dirty_slots().tolist() == []
+
+
+def test_apply_moves_carries_dirty_slots_with_their_offsets():
+    pt = PageTable(10, 4)
+    pt.reserve("a", 4)  # page 1
+    pt.reserve("b", 8)  # pages 2, 3
+    pt.free("a")
+    pt.slots("b", 6, 1)  # page 3, offset 2: slot 14
+    pt.apply_moves(*pt.compaction_moves(3))  # page 3 -> page 1
+    assert pt.take_dirty_slots().tolist() == [1 * 4 + 2]
+
+
 # ------------------------------------------------------------------ compaction and resize
 
 

@@ -4,10 +4,14 @@ One `PageTable` per pipeline stage: every layer of the stage shares its page-id 
 every layer holds the same tokens (DESIGN.md §4). Page 0 is reserved as the padding page that
 block tables point at past a sequence's end.
 
+Writes are recorded per slot (a bitmap of num_pages * page_size bools): a decode step writes one
+slot per sequence, so patching a migration by slot moves page_size times fewer bytes than by
+page. `dirty` is the page-level view of the same record.
+
 Invariants (checked by `check()` in tests):
   - every page id in [1, num_pages) is either free or owned by exactly one sequence;
   - a sequence owns exactly ceil(tokens_reserved / page_size) pages;
-  - the dirty bitmap only marks pages handed out as slots since it was last cleared.
+  - the dirty bitmap only marks slots handed out by `slots()` since it was last cleared.
 """
 
 from __future__ import annotations
@@ -36,9 +40,14 @@ class PageTable:
         heapq.heapify(self._free)
         self.pages: dict[SeqId, list[int]] = {}
         self.tokens: dict[SeqId, int] = {}  # tokens reserved (written or about to be)
-        self.dirty = np.zeros(num_pages, dtype=bool)
+        self.dirty_slots = np.zeros(num_pages * page_size, dtype=bool)
 
     # ------------------------------------------------------------------ queries
+
+    @property
+    def dirty(self) -> np.ndarray:
+        """[num_pages] bool: pages with a slot written since the dirty record was last cleared."""
+        return np.asarray(self.dirty_slots.reshape(self.num_pages, self.page_size).any(axis=1))
 
     @property
     def num_free(self) -> int:
@@ -91,7 +100,7 @@ class PageTable:
     def slots(self, seq: SeqId, start: int, count: int, *, mark_dirty: bool = True) -> np.ndarray:
         """Slot ids [count] for positions start..start+count of `seq` (pages must be reserved).
 
-        The pages written are marked dirty: this is the host's record of what a step writes, so
+        The slots are marked dirty: this is the host's record of what a step writes, so
         migration knows what to patch without reading the device.
         """
         pos = np.arange(start, start + count)
@@ -99,10 +108,10 @@ class PageTable:
         page_idx = pos // self.page_size
         if count and page_idx[-1] >= len(owned):
             raise IndexError(f"sequence {seq!r}: position {start + count - 1} has no page reserved")
-        pages = owned[page_idx]
+        slots = (owned[page_idx] * self.page_size + pos % self.page_size).astype(np.int32)
         if mark_dirty:
-            self.dirty[pages] = True
-        return (pages * self.page_size + pos % self.page_size).astype(np.int32)
+            self.dirty_slots[slots] = True
+        return slots
 
     def block_table(self, seqs: Iterable[SeqId | None], width: int) -> np.ndarray:
         """[len(seqs), width] int32 page ids, padded with page 0; None rows are padding."""
@@ -120,13 +129,19 @@ class PageTable:
         return out
 
     def take_dirty(self) -> np.ndarray:
-        """Ids of pages marked dirty since the last call, and clears the bitmap."""
+        """Ids of pages with a slot written since the last take, and clears the record."""
         ids = np.flatnonzero(self.dirty).astype(np.int32)
-        self.dirty[:] = False
+        self.dirty_slots[:] = False
+        return ids
+
+    def take_dirty_slots(self) -> np.ndarray:
+        """Slot ids (page * page_size + offset) written since the last take; clears the record."""
+        ids = np.flatnonzero(self.dirty_slots).astype(np.int32)
+        self.dirty_slots[:] = False
         return ids
 
     def clear_dirty(self) -> None:
-        self.dirty[:] = False
+        self.dirty_slots[:] = False
 
     # ------------------------------------------------------------------ layout changes
 
@@ -154,9 +169,10 @@ class PageTable:
         for owned in self.pages.values():
             owned[:] = [rename.get(p, p) for p in owned]
         if len(src):
-            moved_dirty = self.dirty[src].copy()
-            self.dirty[src] = False
-            self.dirty[dst] |= moved_dirty
+            by_page = self.dirty_slots.reshape(self.num_pages, self.page_size)
+            moved_dirty = by_page[src].copy()
+            by_page[src] = False
+            by_page[dst] |= moved_dirty
         live = set(self.live_pages().tolist())
         self._free = [p for p in range(1, self.num_pages) if p not in live]
         heapq.heapify(self._free)
@@ -175,10 +191,10 @@ class PageTable:
         self.num_pages = num_pages
         self._free = [p for p in range(1, num_pages) if p not in live]
         heapq.heapify(self._free)
-        dirty = np.zeros(num_pages, dtype=bool)
-        k = min(num_pages, len(self.dirty))
-        dirty[:k] = self.dirty[:k]
-        self.dirty = dirty
+        dirty = np.zeros(num_pages * self.page_size, dtype=bool)
+        k = min(len(dirty), len(self.dirty_slots))
+        dirty[:k] = self.dirty_slots[:k]
+        self.dirty_slots = dirty
 
     def copy_allocation(self, other: PageTable) -> None:
         """Mirrors another table's sequences (same tokens, own page ids) into this empty one.

@@ -310,6 +310,13 @@ class StagePools:
             k, v = self.pools.pop(layer)  # donated below: never keep the old references
             self.pools[layer] = fn(k, v, src_p, dst_p)
 
+    def warm_resize(self, new_num_pages: int) -> None:
+        """Compiles the copy `resize(new_num_pages)` will use, so that it does not compile at the
+        step boundary where it runs (callable from a background thread)."""
+        fn = _resize_fn(self.pool_shape(), self.spec.dtype, int(new_num_pages), self.sharding)
+        abstract = jax.ShapeDtypeStruct(self.pool_shape(), self.spec.dtype, sharding=self.sharding)
+        fn.lower(abstract).compile()
+
     def resize(
         self,
         new_num_pages: int,

@@ -18,9 +18,11 @@ matter of dropping the pending objects.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ from pipelive_jax.kv.pools import StagePools
 from pipelive_jax.memory import DeviceBudget, check_admission
 from pipelive_jax.models.llama import StageParams
 from pipelive_jax.plan import parse_plan, plan_diff
-from pipelive_jax.reconfig.migrate import Route, page_moves
+from pipelive_jax.reconfig.migrate import SLOT_COPY_MAX, Route, page_moves, slot_moves
 
 if TYPE_CHECKING:
     from pipelive_jax.serving.engine import Engine
@@ -49,8 +51,10 @@ class ReconfigReport:
     """What a reconfiguration did. Times in milliseconds, bytes as counted by the copies.
 
     pause_ms: end of the last old-plan step to the start of the first new-plan step.
-    forced_stop_and_copy: the patch rounds ran out (max_rounds) before the dirty bytes fit the
-    pause budget, so the final patch was as large as it was.
+    forced_stop_and_copy: the patch rounds ran out (max_rounds) before a round fit half the pause
+    budget, so the last patch (inside the pause) was as large as it was.
+    round_ms: wall time of each patch round (copy dispatched and finished); the last one ran
+    inside the pause.
     """
 
     ok: bool
@@ -72,6 +76,7 @@ class ReconfigReport:
     resize_ms: float | None = None
     verified_pages: int | None = None
     round_dirty_bytes: list[int] = field(default_factory=list)
+    round_ms: list[float] = field(default_factory=list)
     total_ms: float | None = None
     error_traceback: str | None = None
 
@@ -128,6 +133,25 @@ class _Pending:
     weight_arrays: list[Any]  # what was moved (to wait on)
 
 
+_COMPILE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def _start_compile_thread(target: Callable[[], None]) -> threading.Thread:
+    """Starts a background AOT compile. The threads are daemons (a stuck compile must not keep
+    the process alive), but one still inside XLA when the interpreter exits aborts the process,
+    so exit waits for them (`_join_compile_threads`)."""
+    t = threading.Thread(target=target, name="pipelive-aot", daemon=True)
+    _COMPILE_THREADS.add(t)
+    t.start()
+    return t
+
+
+@atexit.register
+def _join_compile_threads() -> None:
+    for t in list(_COMPILE_THREADS):
+        t.join(timeout=120)
+
+
 class ReconfigController:
     """Drives one reconfiguration of `engine` to `plan` (host state; engine lock held by caller)."""
 
@@ -176,7 +200,7 @@ class ReconfigController:
         self._compile_thread: threading.Thread | None = None
         self._compile_error: BaseException | None = None
         self._shrunk: list[tuple[StageRuntime, int]] = []
-        self._bandwidth: float | None = None  # bytes/s measured by the pre-copy
+        self._shrink_to: list[tuple[StageRuntime, int]] | None = None
         self._old_stages = list(engine.executor.stages)
         self._transition_pages: int | None = None
         self._grow: list[tuple[StageRuntime, int]] = []
@@ -303,12 +327,36 @@ class ReconfigController:
         if self.mode == "restart":
             self._enter("SWITCH")  # the restart baseline rebuilds everything in the pause
             return
-        old_by_dev = {st.spec.devices[0]: st for st in self._old_stages}
-        # Shrink where the transition needs it (at this boundary, before anything else).
+        shrink = []
         for st in self._old_stages:
             cap = self._stage_capacity(None, st.pages.num_pages)
             if cap < st.pages.num_pages:
-                self._shrink(st, cap)
+                shrink.append((st, cap))
+        if not shrink:
+            self._build_pending()
+            return
+        # The old stages must go on serving at the smaller capacity, which is a new compile key:
+        # compile them for it first (in the background) and shrink at a later boundary, so the
+        # steps in between do not compile inline.
+        self._shrink_to = shrink
+        shapes = list(eng.executor_shapes())
+
+        def compile_shrunk() -> None:
+            try:
+                for st, cap in shrink:
+                    for shape in shapes:
+                        eng.cache.get(st, shape, cap)
+                    st.pools.warm_resize(cap)
+            except BaseException as e:  # noqa: BLE001 - reported by the engine thread
+                self._compile_error = e
+
+        self._compile_thread = _start_compile_thread(compile_shrunk)
+
+    def _build_pending(self) -> None:
+        """Builds the pending stages and routes, dispatches the weight moves, and starts
+        compiling the new plan in the background."""
+        eng = self.engine
+        old_by_dev = {st.spec.devices[0]: st for st in self._old_stages}
         any_table = self._old_stages[0].pages
         stages: list[StageRuntime] = []
         new_tables: list[PageTable] = []
@@ -394,10 +442,7 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = threading.Thread(
-            target=compile_all, name="pipelive-aot", daemon=True
-        )
-        self._compile_thread.start()
+        self._compile_thread = _start_compile_thread(compile_all)
 
     def _move_weights(self) -> None:
         """Dispatches the device_put of every moved layer's weights (and embed/head)."""
@@ -430,6 +475,12 @@ class ReconfigController:
             return
         if self._compile_error is not None:
             raise ReconfigError(f"compiling the new stages failed: {self._compile_error}")
+        if self._shrink_to is not None:
+            shrink, self._shrink_to = self._shrink_to, None
+            for st, cap in shrink:
+                self._shrink(st, cap)
+            self._build_pending()
+            return
         self._enter("STAGE_WEIGHTS")
         self._run_hook("STAGE_WEIGHTS")
         if self.mode == "stop_and_copy":
@@ -449,19 +500,27 @@ class ReconfigController:
     # ------------------------------------------------------------------ PRECOPY / PATCH
 
     def _copy_pages(self, only_dirty: bool) -> int:
-        """One copy round over every route; returns bytes. `only_dirty`: pages written since the
-        last round (from each source table's dirty bitmap), else every live page."""
+        """One copy round over every route; returns bytes. `only_dirty`: the slots written since
+        the last round (each source table's dirty record; their pages when there are more than
+        SLOT_COPY_MAX), else every live page."""
         assert self._pending is not None
         dirty: dict[int, np.ndarray] = {}
         for st in self._old_stages:
-            dirty[id(st.pages)] = st.pages.take_dirty()
+            dirty[id(st.pages)] = st.pages.take_dirty_slots()
         total = 0
         for r in self._pending.routes:
-            ids = dirty[id(r.src_table)] if only_dirty else None
-            if ids is not None and len(ids) == 0:
+            if not only_dirty:
+                total += r.copy(*page_moves(r.src_table, r.dst_table))
                 continue
-            s, d = page_moves(r.src_table, r.dst_table, ids)
-            total += r.copy(s, d)
+            slots = dirty[id(r.src_table)]
+            if len(slots) == 0:
+                continue
+            s, d = slot_moves(r.src_table, r.dst_table, slots)
+            if len(s) <= SLOT_COPY_MAX:
+                total += r.copy_slots(s, d)
+            else:
+                pages = np.unique(slots // r.src_table.page_size).astype(np.int32)
+                total += r.copy(*page_moves(r.src_table, r.dst_table, pages))
         return total
 
     def _block(self) -> None:
@@ -470,25 +529,27 @@ class ReconfigController:
             r.block()
 
     def _precopy(self) -> None:
-        t0 = time.perf_counter()
-        nbytes = self._copy_pages(only_dirty=False)
+        self.report.bytes_kv_precopy = self._copy_pages(only_dirty=False)
         self._block()
-        dt = time.perf_counter() - t0
-        self.report.bytes_kv_precopy = nbytes
-        self._bandwidth = nbytes / dt if nbytes and dt > 0 else None
         self._enter("PATCH")
         self._run_hook("PATCH")
 
     def _patch_round(self) -> None:
+        """Copies what the last step wrote and times it. A step writes about as much as the one
+        before, so a round that took at most half the pause budget predicts the final round:
+        switch at the next boundary (the last round and the switch make up the pause)."""
+        t0 = time.perf_counter()
         nbytes = self._copy_pages(only_dirty=True)
+        self._block()
+        round_ms = (time.perf_counter() - t0) * 1e3
         self.report.rounds += 1
         self.report.bytes_kv_patched += nbytes
         self.report.round_dirty_bytes.append(nbytes)
+        self.report.round_ms.append(round(round_ms, 3))
         self.dirty_bytes_left = nbytes  # the next step dirties about as much
-        budget_bytes = (self._bandwidth or 1e9) * self.pause_budget_ms / 1e3
-        if nbytes <= budget_bytes or self.report.rounds >= self.max_rounds:
-            self.report.forced_stop_and_copy = nbytes > budget_bytes
-            self._block()
+        converged = round_ms <= self.pause_budget_ms / 2
+        if converged or self.report.rounds >= self.max_rounds:
+            self.report.forced_stop_and_copy = not converged
             self._enter("SWITCH")
 
     # ------------------------------------------------------------------ SWITCH
@@ -553,19 +614,29 @@ class ReconfigController:
         self._resize_prepare()
 
     def _verify(self) -> int:
-        """Byte-compares every migrated page with its source (test aid; after the pause)."""
+        """Byte-compares the K and V of every token on every migrated page with its source (a
+        test aid; runs after the pause); returns the pages checked. Slots past a sequence's last
+        token are not compared: patch rounds copy written slots, so the stale tail of a page
+        reused since the pre-copy may differ, and nothing reads it."""
         assert self._pending is not None
         count = 0
         for r in self._pending.routes:
-            s, d = page_moves(r.src_table, r.dst_table)
+            s, _ = page_moves(r.src_table, r.dst_table)
             if not len(s):
                 continue
+            src_slots, dst_slots = [], []
+            for seq, n in r.src_table.tokens.items():
+                if seq in r.dst_table.pages:
+                    src_slots.append(r.src_table.slots(seq, 0, n, mark_dirty=False))
+                    dst_slots.append(r.dst_table.slots(seq, 0, n, mark_dirty=False))
+            ss, ds = np.concatenate(src_slots), np.concatenate(dst_slots)
             for (sk, sv), (dk, dv) in zip(r.get_src_pools(), r.dst_pools, strict=True):
                 for a, b in ((sk, dk), (sv, dv)):
-                    x = np.array(a, copy=True)[:, s]
-                    y = np.array(b, copy=True)[:, d]
+                    h, _, _, hd = a.shape
+                    x = np.asarray(a).reshape(h, -1, hd)[:, ss]
+                    y = np.asarray(b).reshape(h, -1, hd)[:, ds]
                     if x.tobytes() != y.tobytes():
-                        raise ReconfigError("a migrated page differs from its source at the switch")
+                        raise ReconfigError("migrated KV differs from its source at the switch")
             count += len(s)
         return count
 
@@ -627,10 +698,7 @@ class ReconfigController:
                 except BaseException as e:  # noqa: BLE001
                     self._compile_error = e
 
-            self._compile_thread = threading.Thread(
-                target=compile_all, name="pipelive-aot", daemon=True
-            )
-            self._compile_thread.start()
+            self._compile_thread = _start_compile_thread(compile_all)
         else:
             self._compile_thread = None
             self._finish_ok()
@@ -686,8 +754,10 @@ class ReconfigController:
             str(err) if isinstance(err, PipeliveError) else f"{type(err).__name__}: {err}"
         )
         self.report.error_traceback = "".join(traceback.format_exception(err))
-        if self._compile_thread is not None and self._compile_thread.is_alive():
-            self._compile_thread.join()
+        # A compile still running in the background is left to finish on its own (joining it
+        # here would stall serving under the engine lock); what it builds is dropped with the
+        # pending stages, or lands in the compile cache, where it is harmless.
+        self._compile_thread = None
         pending = self._pending
         self._pending = None
         if pending is not None:

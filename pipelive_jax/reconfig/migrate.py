@@ -7,6 +7,12 @@ over all the route's layers, one `device_put` of the gathered pages, one jitted 
 target device with the target pools donated (in place). The page count is padded to a power of
 two (padding reads page 0 and writes past the end, which the scatter drops) and each padded size
 is compiled ahead of time (`Route.prepare`), so no copy compiles inside the switch pause.
+
+Patch rounds copy slots, not pages (`Route.copy_slots`): a decode step writes one slot of one
+page per sequence, so the slots written since the last round are page_size times fewer bytes
+than their pages. Slot copies use the same three dispatches over pools viewed as
+[kv_heads, num_pages * page_size, head_dim]; rounds with more slots than `SLOT_COPY_MAX` (long
+prefill chunks) copy whole dirty pages instead.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ import numpy as np
 from pipelive_jax.kv.pages import PageTable
 
 KVPair = tuple[jax.Array, jax.Array]
+
+
+# Largest slot copy compiled ahead of time; beyond it a round copies the dirty pages.
+SLOT_COPY_MAX = 512
+SLOT_COPY_MIN = 32
 
 
 def pad_pow2(n: int, minimum: int = 8) -> int:
@@ -45,6 +56,54 @@ def _scatter(pools: list[KVPair], ids: jax.Array, pages: list[KVPair]) -> list[K
         (k.at[:, ids].set(pk, mode="drop"), v.at[:, ids].set(pv, mode="drop"))
         for (k, v), (pk, pv) in zip(pools, pages, strict=True)
     ]
+
+
+def _flat(a: jax.Array) -> jax.Array:
+    h, p, ps, d = a.shape
+    return a.reshape(h, p * ps, d)
+
+
+@jax.jit
+def _gather_slots(pools: list[KVPair], ids: jax.Array) -> list[KVPair]:
+    """pools: per layer (k, v) [kv_heads, pages, page_size, head_dim]; ids [n] slot ids ->
+    per layer (k, v) [kv_heads, n, head_dim]."""
+    return [(_flat(k)[:, ids], _flat(v)[:, ids]) for k, v in pools]
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _scatter_slots(pools: list[KVPair], ids: jax.Array, rows: list[KVPair]) -> list[KVPair]:
+    """Writes rows[l] [kv_heads, n, head_dim] at slot ids [n] of pools[l]; ids past the end are
+    dropped (padding)."""
+    out = []
+    for (k, v), (rk, rv) in zip(pools, rows, strict=True):
+        out.append(
+            (
+                _flat(k).at[:, ids].set(rk, mode="drop").reshape(k.shape),
+                _flat(v).at[:, ids].set(rv, mode="drop").reshape(v.shape),
+            )
+        )
+    return out
+
+
+def slot_moves(
+    src: PageTable, dst: PageTable, src_slots: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(src slots [n], dst slots [n]): where each written source slot lives on the target.
+
+    A slot keeps its offset within the page; its page maps as in `page_moves`. Slots of pages
+    the two tables do not share (freed since they were written) are left out.
+    """
+    s_pages, d_pages = page_moves(src, dst)
+    ps = src.page_size
+    page_map = np.full(src.num_pages, -1, np.int64)
+    page_map[s_pages] = d_pages
+    src_slots = np.asarray(src_slots, np.int64)
+    dst_page = page_map[src_slots // ps]
+    keep = dst_page >= 0
+    return (
+        src_slots[keep].astype(np.int32),
+        (dst_page[keep] * ps + src_slots[keep] % ps).astype(np.int32),
+    )
 
 
 def page_moves(
@@ -88,21 +147,24 @@ class Route:
     dst_pools: list[KVPair]
     page_bytes: int  # one page of one layer, K and V
     _compiled: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    _compiled_slots: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def prepare(self, max_pages: int) -> None:
-        """Compiles gather and scatter for every padded size up to `max_pages` (background-safe)."""
+        """Compiles page gather/scatter for every padded size up to `max_pages`, and slot
+        gather/scatter up to SLOT_COPY_MAX (background-safe)."""
         n = 8
         while True:
             self._fns(n)
             if n >= max_pages:
                 break
             n *= 2
+        n = SLOT_COPY_MIN
+        while n <= SLOT_COPY_MAX:
+            self._slot_fns(n)
+            n *= 2
 
-    def _fns(self, n: int) -> tuple[Any, Any]:
-        got = self._compiled.get(n)
-        if got is not None:
-            return got
+    def _abstract(self) -> tuple[list[Any], list[Any]]:
         src = [
             (jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=k.sharding),) * 2
             for k, _ in self.get_src_pools()
@@ -111,13 +173,57 @@ class Route:
             (jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=k.sharding),) * 2
             for k, _ in self.dst_pools
         ]
+        if not src:
+            raise ValueError("a route needs at least one layer")
+        return src, dst
+
+    def _slot_fns(self, n: int) -> tuple[Any, Any]:
+        got = self._compiled_slots.get(n)
+        if got is not None:
+            return got
+        src, dst = self._abstract()
+        s_sh = jax.sharding.SingleDeviceSharding(self.src_device)
+        d_sh = jax.sharding.SingleDeviceSharding(self.dst_device)
+        k0 = src[0][0]
+        row_shape = (k0.shape[0], n, k0.shape[3])
+        rows = [(jax.ShapeDtypeStruct(row_shape, k0.dtype, sharding=d_sh),) * 2 for _ in src]
+        g = _gather_slots.lower(src, jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh))
+        sc = _scatter_slots.lower(dst, jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh), rows)
+        fns = (g.compile(), sc.compile())
+        with self._lock:
+            self._compiled_slots.setdefault(n, fns)
+        return self._compiled_slots[n]
+
+    def copy_slots(self, src_slots: np.ndarray, dst_slots: np.ndarray) -> int:
+        """Dispatches the copy of slots src_slots -> dst_slots in every layer (at most
+        SLOT_COPY_MAX); returns bytes moved."""
+        count = int(len(src_slots))
+        if count == 0:
+            return 0
+        if count > SLOT_COPY_MAX:
+            raise ValueError(f"{count} slots > SLOT_COPY_MAX {SLOT_COPY_MAX}; copy pages")
+        n = pad_pow2(count, SLOT_COPY_MIN)
+        k0 = self.dst_pools[0][0]
+        s = np.zeros(n, np.int32)
+        s[:count] = src_slots
+        d = np.full(n, k0.shape[1] * k0.shape[2], np.int32)  # past the end: dropped
+        d[:count] = dst_slots
+        gather, scatter = self._slot_fns(n)
+        rows = gather(self.get_src_pools(), jax.device_put(s, self.src_device))
+        rows = jax.device_put(rows, self.dst_device)
+        self.dst_pools = scatter(self.dst_pools, jax.device_put(d, self.dst_device), rows)
+        return count * (self.page_bytes // k0.shape[2]) * len(self.layers)
+
+    def _fns(self, n: int) -> tuple[Any, Any]:
+        got = self._compiled.get(n)
+        if got is not None:
+            return got
+        src, dst = self._abstract()
         s_sh = jax.sharding.SingleDeviceSharding(self.src_device)
         d_sh = jax.sharding.SingleDeviceSharding(self.dst_device)
         ids_s = jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh)
         ids_d = jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh)
-        k0 = src[0][0] if src else None
-        if k0 is None:
-            raise ValueError("a route needs at least one layer")
+        k0 = src[0][0]
         page_shape = (k0.shape[0], n, k0.shape[2], k0.shape[3])
         pages = [(jax.ShapeDtypeStruct(page_shape, k0.dtype, sharding=d_sh),) * 2 for _ in src]
         g = _gather.lower(src, ids_s).compile()
