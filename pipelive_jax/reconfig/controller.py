@@ -201,6 +201,7 @@ class ReconfigController:
         self._compile_error: BaseException | None = None
         self._shrunk: list[tuple[StageRuntime, int]] = []
         self._shrink_to: list[tuple[StageRuntime, int]] | None = None
+        self._resize_started = False
         self._old_stages = list(engine.executor.stages)
         self._transition_pages: int | None = None
         self._grow: list[tuple[StageRuntime, int]] = []
@@ -290,7 +291,7 @@ class ReconfigController:
             self._check_abort()
             if self.phase == "SWITCH":
                 self._switch()
-            elif self.phase == "RESIZE":
+            elif self.phase == "RESIZE" and self._resize_started:
                 self._resize_step()
         except Exception as e:  # noqa: BLE001 - any failure rolls back
             self._abort(e)
@@ -306,6 +307,9 @@ class ReconfigController:
                 self._precopy()
             elif self.phase == "PATCH":
                 self._patch_round()
+            elif self.phase == "RESIZE" and not self._resize_started:
+                self._resize_started = True
+                self._resize_prepare()
         except Exception as e:  # noqa: BLE001
             self._abort(e)
 
@@ -610,8 +614,11 @@ class ReconfigController:
         )
         if self.verify and self.mode != "restart":
             self.report.verified_pages = self._verify()
+        # Freeing what left (and planning growth) waits for the end of the first new-plan step:
+        # dropping the departed layers' weights and pools returns hundreds of MB to the
+        # allocator, which took ~10 ms here, and it would delay that step.
         self._enter("RESIZE")
-        self._resize_prepare()
+        self._resize_started = False
 
     def _verify(self) -> int:
         """Byte-compares the K and V of every token on every migrated page with its source (a

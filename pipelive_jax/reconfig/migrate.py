@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pipelive_jax.kv.pages import PageTable
@@ -42,19 +43,24 @@ def pad_pow2(n: int, minimum: int = 8) -> int:
     return b
 
 
+# Gathers return one stacked array [layers, 2 (K, V), kv_heads, n, ...] rather than a list per
+# layer: the transfer between devices is then one array, not 2 x layers (each costs a dispatch).
+
+
 @jax.jit
-def _gather(pools: list[KVPair], ids: jax.Array) -> list[KVPair]:
-    """pools: per layer (k, v) [kv_heads, pages, page_size, head_dim]; ids [n] -> per layer
-    (k, v) [kv_heads, n, page_size, head_dim]."""
-    return [(k[:, ids], v[:, ids]) for k, v in pools]
+def _gather(pools: list[KVPair], ids: jax.Array) -> jax.Array:
+    """pools: per layer (k, v) [kv_heads, pages, page_size, head_dim]; ids [n] ->
+    [layers, 2, kv_heads, n, page_size, head_dim]."""
+    return jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in pools])
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _scatter(pools: list[KVPair], ids: jax.Array, pages: list[KVPair]) -> list[KVPair]:
-    """Writes pages[l] at ids [n] of pools[l]; ids past the end are dropped (padding)."""
+def _scatter(pools: list[KVPair], ids: jax.Array, pages: jax.Array) -> list[KVPair]:
+    """Writes pages[l] (as `_gather` returns them) at ids [n] of pools[l]; ids past the end are
+    dropped (padding)."""
     return [
-        (k.at[:, ids].set(pk, mode="drop"), v.at[:, ids].set(pv, mode="drop"))
-        for (k, v), (pk, pv) in zip(pools, pages, strict=True)
+        (k.at[:, ids].set(pages[i, 0], mode="drop"), v.at[:, ids].set(pages[i, 1], mode="drop"))
+        for i, (k, v) in enumerate(pools)
     ]
 
 
@@ -64,22 +70,22 @@ def _flat(a: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _gather_slots(pools: list[KVPair], ids: jax.Array) -> list[KVPair]:
+def _gather_slots(pools: list[KVPair], ids: jax.Array) -> jax.Array:
     """pools: per layer (k, v) [kv_heads, pages, page_size, head_dim]; ids [n] slot ids ->
-    per layer (k, v) [kv_heads, n, head_dim]."""
-    return [(_flat(k)[:, ids], _flat(v)[:, ids]) for k, v in pools]
+    [layers, 2, kv_heads, n, head_dim]."""
+    return jnp.stack([jnp.stack([_flat(k)[:, ids], _flat(v)[:, ids]]) for k, v in pools])
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _scatter_slots(pools: list[KVPair], ids: jax.Array, rows: list[KVPair]) -> list[KVPair]:
-    """Writes rows[l] [kv_heads, n, head_dim] at slot ids [n] of pools[l]; ids past the end are
-    dropped (padding)."""
+def _scatter_slots(pools: list[KVPair], ids: jax.Array, rows: jax.Array) -> list[KVPair]:
+    """Writes rows[l] (as `_gather_slots` returns them) at slot ids [n] of pools[l]; ids past the
+    end are dropped (padding)."""
     out = []
-    for (k, v), (rk, rv) in zip(pools, rows, strict=True):
+    for i, (k, v) in enumerate(pools):
         out.append(
             (
-                _flat(k).at[:, ids].set(rk, mode="drop").reshape(k.shape),
-                _flat(v).at[:, ids].set(rv, mode="drop").reshape(v.shape),
+                _flat(k).at[:, ids].set(rows[i, 0], mode="drop").reshape(k.shape),
+                _flat(v).at[:, ids].set(rows[i, 1], mode="drop").reshape(v.shape),
             )
         )
     return out
@@ -115,18 +121,22 @@ def page_moves(
     A sequence's block b lives at src.pages[seq][b] and moves to dst.pages[seq][b]: the target
     keeps its own page ids, so the migrated layers reuse the target's block table unchanged.
     """
-    wanted = None if src_pages is None else set(np.asarray(src_pages).tolist())
-    s_ids: list[int] = []
-    d_ids: list[int] = []
+    s_parts: list[np.ndarray] = []
+    d_parts: list[np.ndarray] = []
     for seq, s_pages in src.pages.items():
         d_pages = dst.pages.get(seq)
         if d_pages is None:
             continue
-        for sp, dp in zip(s_pages, d_pages, strict=False):
-            if wanted is None or sp in wanted:
-                s_ids.append(sp)
-                d_ids.append(dp)
-    return np.array(s_ids, np.int32), np.array(d_ids, np.int32)
+        n = min(len(s_pages), len(d_pages))
+        s_parts.append(np.asarray(s_pages[:n], np.int32))
+        d_parts.append(np.asarray(d_pages[:n], np.int32))
+    if not s_parts:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    s_ids, d_ids = np.concatenate(s_parts), np.concatenate(d_parts)
+    if src_pages is not None:
+        keep = np.isin(s_ids, np.asarray(src_pages))
+        s_ids, d_ids = s_ids[keep], d_ids[keep]
+    return s_ids, d_ids
 
 
 @dataclass
@@ -185,8 +195,9 @@ class Route:
         s_sh = jax.sharding.SingleDeviceSharding(self.src_device)
         d_sh = jax.sharding.SingleDeviceSharding(self.dst_device)
         k0 = src[0][0]
-        row_shape = (k0.shape[0], n, k0.shape[3])
-        rows = [(jax.ShapeDtypeStruct(row_shape, k0.dtype, sharding=d_sh),) * 2 for _ in src]
+        rows = jax.ShapeDtypeStruct(
+            (len(src), 2, k0.shape[0], n, k0.shape[3]), k0.dtype, sharding=d_sh
+        )
         g = _gather_slots.lower(src, jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh))
         sc = _scatter_slots.lower(dst, jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh), rows)
         fns = (g.compile(), sc.compile())
@@ -209,9 +220,9 @@ class Route:
         d = np.full(n, k0.shape[1] * k0.shape[2], np.int32)  # past the end: dropped
         d[:count] = dst_slots
         gather, scatter = self._slot_fns(n)
-        rows = gather(self.get_src_pools(), jax.device_put(s, self.src_device))
-        rows = jax.device_put(rows, self.dst_device)
-        self.dst_pools = scatter(self.dst_pools, jax.device_put(d, self.dst_device), rows)
+        s_dev, d_dev = jax.device_put((s, d), (self.src_device, self.dst_device))
+        rows = jax.device_put(gather(self.get_src_pools(), s_dev), self.dst_device)
+        self.dst_pools = scatter(self.dst_pools, d_dev, rows)
         return count * (self.page_bytes // k0.shape[2]) * len(self.layers)
 
     def _fns(self, n: int) -> tuple[Any, Any]:
@@ -224,8 +235,9 @@ class Route:
         ids_s = jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh)
         ids_d = jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh)
         k0 = src[0][0]
-        page_shape = (k0.shape[0], n, k0.shape[2], k0.shape[3])
-        pages = [(jax.ShapeDtypeStruct(page_shape, k0.dtype, sharding=d_sh),) * 2 for _ in src]
+        pages = jax.ShapeDtypeStruct(
+            (len(src), 2, k0.shape[0], n, k0.shape[2], k0.shape[3]), k0.dtype, sharding=d_sh
+        )
         g = _gather.lower(src, ids_s).compile()
         s = _scatter.lower(dst, ids_d, pages).compile()
         with self._lock:
@@ -243,9 +255,9 @@ class Route:
         d = np.full(n, self.dst_pools[0][0].shape[1], np.int32)  # past the end: dropped
         d[:count] = dst_ids
         gather, scatter = self._fns(n)
-        pages = gather(self.get_src_pools(), jax.device_put(s, self.src_device))
-        pages = jax.device_put(pages, self.dst_device)
-        self.dst_pools = scatter(self.dst_pools, jax.device_put(d, self.dst_device), pages)
+        s_dev, d_dev = jax.device_put((s, d), (self.src_device, self.dst_device))
+        pages = jax.device_put(gather(self.get_src_pools(), s_dev), self.dst_device)
+        self.dst_pools = scatter(self.dst_pools, d_dev, pages)
         return count * self.page_bytes * len(self.layers)
 
     def block(self) -> None:
