@@ -43,6 +43,18 @@ def register(subparsers: Any) -> None:
     b.add_argument("--config", help="the config TOML (instead of the positional CONFIG)")
     b.add_argument("--out", help="output folder (default: [bench] out, else results/<config name>)")
     b.add_argument("--markdown", action="store_true", help="compare: print a markdown table")
+    b.add_argument(
+        "--check",
+        action="store_true",
+        help="compare: check that every later run reproduces the first (counts equal, rates and "
+        "latencies within --tolerance); exit 1 if not",
+    )
+    b.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.5,
+        help="compare --check: allowed relative difference of rates and latencies (default 0.5)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     b.set_defaults(func=cmd_bench)
 
@@ -103,6 +115,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from rich.console import Console
 
             Console().print(out)
+        if args.check:
+            return _check(args.dirs, args.tolerance)
         return 0
     if args.dirs:
         raise PipeliveError(
@@ -132,6 +146,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Console(stderr=True).print(compare([out]))
     print(os.path.join(out, "results.json"))
     return 0 if results["completed"] == results["num_requests"] else 1
+
+
+def _check(dirs: list[str], tolerance: float) -> int:
+    """Prints, for each run after the first, the reproduction check against the first."""
+    from pipelive_jax.bench.results import check_reproduction, load_results
+
+    if len(dirs) < 2:
+        raise PipeliveError("bench compare --check needs a reference and at least one run")
+    if not tolerance >= 0:
+        raise PipeliveError(f"--tolerance must be >= 0, got {tolerance}")
+    reference = load_results(dirs[0])
+    all_ok = True
+    for d in dirs[1:]:
+        ok, rows = check_reproduction(reference, load_results(d), tolerance)
+        all_ok &= ok
+        print(f"{d} against {dirs[0]}: {'reproduces' if ok else 'DOES NOT reproduce'}")
+        for r in rows:
+            ratio = "" if r["ratio"] is None else f" (x{r['ratio']:.2f})"
+            mark = "ok  " if r["ok"] else "FAIL"
+            print(f"  {mark} {r['metric']}: {r['reference']} -> {r['run']}{ratio}")
+    return 0 if all_ok else 1
 
 
 # --------------------------------------------------------------------------------------------

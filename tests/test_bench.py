@@ -602,6 +602,33 @@ def test_bench_compare_two_runs(smoke_run, tmp_path):
     r = run_cli("bench", "compare", str(out), str(other))
     assert r.returncode == 0, r.stderr
     assert "tiny-smoke" in r.stdout and "other-run" in r.stdout
+    # The reproduction check: the copy differs only in mean TTFT.
+    r = run_cli("bench", "compare", str(out), str(other), "--check", "--tolerance", "0.25")
+    assert r.returncode == 1 and "DOES NOT reproduce" in r.stdout
+    assert "FAIL mean_ttft_ms" in r.stdout and "ok   completed" in r.stdout
+    res["mean_ttft_ms"] = json.loads((out / "results.json").read_text())["mean_ttft_ms"] * 1.2
+    (other / "results.json").write_text(json.dumps(res))
+    r = run_cli("bench", "compare", str(out), str(other), "--check", "--tolerance", "0.25")
+    assert r.returncode == 0 and "reproduces" in r.stdout, r.stdout
     r = run_cli("bench", "compare", str(out), str(tmp_path / "missing"))
     assert r.returncode == 2 and "cannot read results" in r.stderr
     shutil.rmtree(other)
+
+
+def test_check_reproduction_counts_exact_rates_within_tolerance():
+    from pipelive_jax.bench.results import CHECK_EXACT, CHECK_RELATIVE, check_reproduction
+
+    ref = {k: 10 for k in CHECK_EXACT} | {k: 100.0 for k in CHECK_RELATIVE}
+    ok, rows = check_reproduction(ref, dict(ref), 0.1)
+    assert ok and len(rows) == len(CHECK_EXACT) + len(CHECK_RELATIVE)
+    ok, rows = check_reproduction(ref, {**ref, "mean_tpot_ms": 109.0}, 0.1)
+    assert ok
+    ok, rows = check_reproduction(ref, {**ref, "mean_tpot_ms": 111.0}, 0.1)
+    assert not ok and [r["metric"] for r in rows if not r["ok"]] == ["mean_tpot_ms"]
+    ok, rows = check_reproduction(ref, {**ref, "completed": 9}, 0.1)
+    assert [r["metric"] for r in rows if not r["ok"]] == ["completed"]
+    missing = dict(ref)
+    del missing["output_throughput"]
+    assert not check_reproduction(ref, missing, 0.1)[0]
+    with pytest.raises(ValueError, match="tolerance"):
+        check_reproduction(ref, ref, -1)

@@ -549,3 +549,42 @@ def compare(dirs: Sequence[str], *, markdown: bool = False) -> Any:
     for key, label, fmt in COMPARE_ROWS:
         table.add_row(label, *(_fmt(r.get(key), fmt) for _, r in runs))
     return table
+
+
+# Reproduction check: what must match exactly (the workload and what the engine did with it) and
+# what may drift with the load on a shared machine (rates and latencies, relative tolerance).
+CHECK_EXACT = ("num_requests", "completed", "failed", "total_output_tokens", "num_reconfigs_ok")
+CHECK_RELATIVE = (
+    "request_throughput",
+    "output_throughput",
+    "mean_ttft_ms",
+    "mean_tpot_ms",
+    "mean_e2e_ms",
+)
+
+
+def check_reproduction(
+    reference: dict[str, Any], run: dict[str, Any], tolerance: float = 0.5
+) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether `run` reproduces `reference` (two results.json dicts), with one row per metric.
+
+    Counts must be equal; rates and latencies may differ by `tolerance` relative to the
+    reference (0.5: run / reference in [0.5, 1.5]). A metric missing from either side fails
+    its row.
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    rows = []
+    for key in (*CHECK_EXACT, *CHECK_RELATIVE):
+        ref, got = reference.get(key), run.get(key)
+        if ref is None or got is None:
+            rows.append({"metric": key, "reference": ref, "run": got, "ratio": None, "ok": False})
+            continue
+        if key in CHECK_EXACT:
+            ok = ref == got
+            ratio = None
+        else:
+            ratio = got / ref if ref else (1.0 if got == ref else float("inf"))
+            ok = abs(ratio - 1.0) <= tolerance
+        rows.append({"metric": key, "reference": ref, "run": got, "ratio": ratio, "ok": ok})
+    return all(r["ok"] for r in rows), rows
