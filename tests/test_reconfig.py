@@ -365,6 +365,37 @@ def test_ten_reconfigurations_under_continuous_load(eng, ref):
     assert_clean(eng)
 
 
+def test_precopy_spread_over_steps_is_token_identical(eng, ref, monkeypatch):
+    """One page per route per step: the pre-copy takes several steps while the sequences grow
+    (new pages appear, written ones change); outputs and every migrated token still match."""
+    import pipelive_jax.reconfig.controller as controller
+
+    monkeypatch.setattr(controller, "PRECOPY_PAGES_PER_STEP", 1)
+    ensure_plan(eng, TWO)
+    ids = add(eng, PROMPTS)
+    for _ in range(3):
+        eng.step()
+    phases: list[str] = []
+
+    def seen(e) -> None:
+        if e.reconfig is not None:
+            phases.append(e.reconfig.phase)
+
+    eng.step_hooks.append(seen)
+    try:
+        h = eng.reconfigure(THREE, verify=True)
+        join_compile(eng)
+        drain(eng)
+    finally:
+        eng.step_hooks.remove(seen)
+    r = h.report()
+    assert r.ok, f"{r.aborted_in}: {r.reason}"
+    assert phases.count("PRECOPY") >= 3, phases
+    assert r.verified_pages > 0 and r.bytes_kv_precopy > 0
+    assert outputs(eng, ids) == expected(ref, PROMPTS)
+    assert_clean(eng)
+
+
 def test_patch_rounds_are_bounded_then_forced(eng, ref):
     """A pause budget nothing fits: exactly max_rounds patch rounds, each copying the pages the
     steps dirtied, then a final stop-and-copy, reported as forced."""
