@@ -133,9 +133,10 @@ class _Pending:
     weight_arrays: list[Any]  # what was moved (to wait on)
 
 
-# Pre-copy pages per route per step boundary: bounds the extra work one step carries (256
-# SmolLM2 pages of 10 layers are ~60 MB, a few percent of a 32-sequence decode step here).
-PRECOPY_PAGES_PER_STEP = 256
+# Pre-copy pages per route per step boundary: bounds the extra work one step carries. 64
+# SmolLM2 pages of 10 layers are ~16 MB, a few ms here; 256 made steps 10-30% slower on these
+# two shared cores, and one unbounded copy stalled a step for seconds.
+PRECOPY_PAGES_PER_STEP = 64
 
 _COMPILE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
