@@ -187,23 +187,31 @@ class Route:
             raise ValueError("a route needs at least one layer")
         return src, dst
 
-    def _slot_fns(self, n: int) -> tuple[Any, Any]:
-        got = self._compiled_slots.get(n)
+    def _compiled_pair(
+        self, cache: dict[int, tuple[Any, Any]], gather: Any, scatter: Any, n: int, unit: tuple
+    ) -> tuple[Any, Any]:
+        """Gather and scatter compiled for `n` ids; `unit` is the trailing shape of one copied
+        id in one head (page_size, head_dim) for pages, (head_dim,) for slots."""
+        got = cache.get(n)
         if got is not None:
             return got
         src, dst = self._abstract()
         s_sh = jax.sharding.SingleDeviceSharding(self.src_device)
         d_sh = jax.sharding.SingleDeviceSharding(self.dst_device)
         k0 = src[0][0]
-        rows = jax.ShapeDtypeStruct(
-            (len(src), 2, k0.shape[0], n, k0.shape[3]), k0.dtype, sharding=d_sh
-        )
-        g = _gather_slots.lower(src, jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh))
-        sc = _scatter_slots.lower(dst, jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh), rows)
+        moved = jax.ShapeDtypeStruct((len(src), 2, k0.shape[0], n, *unit), k0.dtype, sharding=d_sh)
+        g = gather.lower(src, jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh))
+        sc = scatter.lower(dst, jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh), moved)
         fns = (g.compile(), sc.compile())
         with self._lock:
-            self._compiled_slots.setdefault(n, fns)
-        return self._compiled_slots[n]
+            cache.setdefault(n, fns)
+        return cache[n]
+
+    def _slot_fns(self, n: int) -> tuple[Any, Any]:
+        k0 = self.dst_pools[0][0]
+        return self._compiled_pair(
+            self._compiled_slots, _gather_slots, _scatter_slots, n, (k0.shape[3],)
+        )
 
     def copy_slots(self, src_slots: np.ndarray, dst_slots: np.ndarray) -> int:
         """Dispatches the copy of slots src_slots -> dst_slots in every layer (at most
@@ -226,23 +234,8 @@ class Route:
         return count * (self.page_bytes // k0.shape[2]) * len(self.layers)
 
     def _fns(self, n: int) -> tuple[Any, Any]:
-        got = self._compiled.get(n)
-        if got is not None:
-            return got
-        src, dst = self._abstract()
-        s_sh = jax.sharding.SingleDeviceSharding(self.src_device)
-        d_sh = jax.sharding.SingleDeviceSharding(self.dst_device)
-        ids_s = jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh)
-        ids_d = jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh)
-        k0 = src[0][0]
-        pages = jax.ShapeDtypeStruct(
-            (len(src), 2, k0.shape[0], n, k0.shape[2], k0.shape[3]), k0.dtype, sharding=d_sh
-        )
-        g = _gather.lower(src, ids_s).compile()
-        s = _scatter.lower(dst, ids_d, pages).compile()
-        with self._lock:
-            self._compiled.setdefault(n, (g, s))
-        return self._compiled[n]
+        k0 = self.dst_pools[0][0]
+        return self._compiled_pair(self._compiled, _gather, _scatter, n, k0.shape[2:])
 
     def copy(self, src_ids: np.ndarray, dst_ids: np.ndarray) -> int:
         """Dispatches the copy of pages src_ids -> dst_ids in every layer; returns bytes moved."""
