@@ -15,7 +15,7 @@ Sections (every key optional unless marked)::
                  speeds = [1.0, 0.6] (relative, for `pipelive plan`), num_microbatches
     [kv]         page_size, num_pages = int | [per stage], device_memory = bytes | "640MiB" |
                  [per device], utilization, kv_resize, page_granule
-    [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len
+    [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len, background_compile
     [workload]   (a benchmark needs it) kind (required) = "poisson" | "gamma" | "pattern_shift" | "trace", rate,
                  burstiness (gamma shape; or cv), num_requests, duration_s, input = {...},
                  output = {...}, scale, phases = [{kind, duration_s, rate, ...}], trace,
@@ -293,6 +293,7 @@ class SchedulerSection:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 256
     max_model_len: int = 512
+    background_compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,7 @@ class BenchConfig:
             "max_num_seqs": sc.max_num_seqs,
             "max_num_batched_tokens": sc.max_num_batched_tokens,
             "max_model_len": sc.max_model_len,
+            "background_compile": sc.background_compile,
             "num_microbatches": self.plan.num_microbatches,
             "backend": self.model.backend,
         }
@@ -744,11 +746,14 @@ def _read_kv(r: _Reader, t: dict[str, Any]) -> KVSection:
 
 def _read_scheduler(r: _Reader, t: dict[str, Any]) -> SchedulerSection:
     at = ("scheduler",)
-    r.check_keys(t, at, ("max_num_seqs", "max_num_batched_tokens", "max_model_len"))
+    r.check_keys(
+        t, at, ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "background_compile")
+    )
     return SchedulerSection(
         max_num_seqs=r.get(t, at, "max_num_seqs", "int", 8, check=_positive),
         max_num_batched_tokens=r.get(t, at, "max_num_batched_tokens", "int", 256, check=_positive),
         max_model_len=r.get(t, at, "max_model_len", "int", 512, check=_positive),
+        background_compile=r.get(t, at, "background_compile", "bool", False),
     )
 
 

@@ -60,6 +60,10 @@ class EngineConfig:
       (DESIGN.md §4), or defaults to 512.
     device_memory_bytes: budget per device: an int for all, or {device id: bytes}.
     kv_resize: False pools stages once for the most layers they may hold (the no-resize baseline).
+    background_compile: a batch whose shape is not compiled yet runs on a bigger compiled shape
+      (padding) while its own compiles on a background thread, instead of waiting for the
+      compile (seconds on CPU). Off by default: which shape a step runs on then depends on
+      timing, and float results may differ in the last bits between shapes.
     """
 
     page_size: int = 16
@@ -73,6 +77,7 @@ class EngineConfig:
     num_microbatches: int = 1
     kv_resize: bool = True
     page_granule: int = 16
+    background_compile: bool = False
 
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
@@ -168,6 +173,8 @@ class Engine:
         self.last_step_end: float | None = None
         self.step_hooks: list[Callable[[Engine], None]] = []
         self._shapes_seen: dict[BatchShape, int] = {}
+        self._bg_compiles: set[BatchShape] = set()  # shapes compiling in the background
+        self._bg_compile_lock = threading.Lock()
 
     # ------------------------------------------------------------------ stages
 
@@ -366,6 +373,9 @@ class Engine:
             pages_per_seq=-(-c.max_model_len // c.page_size),
             max_q_len=bucket(max_q, 1, t_b),
         )
+        if c.background_compile:
+            shape = self._compiled_shape(shape)
+            t_b = shape.num_tokens
         self._shapes_seen[shape] = self.step_count
         tokens = np.zeros(t_b, np.int32)
         positions = np.zeros(t_b, np.int32)
@@ -406,6 +416,50 @@ class Engine:
             block_tables=tables,
             greedy=all(s.request.params.greedy for s in seqs),
         )
+
+    def _compiled_shape(self, exact: BatchShape) -> BatchShape:
+        """The shape to run a batch that needs `exact` (`background_compile`): `exact` when every
+        stage has it compiled; else the smallest compiled shape that holds the batch (same rows
+        and table width, at least as many tokens and as long a query chunk: the extra rows are
+        padding), while `exact` compiles on a background thread. A step then never waits seconds
+        for a compile when a bigger compiled shape exists; without one it compiles inline."""
+        stages = self.executor.stages
+        if all(self.cache.has(st, exact) for st in stages):
+            return exact
+        covering = [
+            s
+            for s in self.cache.shapes()
+            if s.max_seqs == exact.max_seqs
+            and s.pages_per_seq == exact.pages_per_seq
+            and s.num_tokens >= exact.num_tokens
+            and s.max_q_len >= exact.max_q_len
+            and all(self.cache.has(st, s) for st in stages)
+        ]
+        if not covering:
+            return exact
+        self._compile_later(exact, list(stages))
+        return min(covering, key=lambda s: (s.num_tokens, s.max_q_len))
+
+    def _compile_later(self, shape: BatchShape, stages: list[StageRuntime]) -> None:
+        """Compiles `shape` for `stages` on a background thread (one at a time, each shape
+        once); a failure is logged and leaves the step on its covering shape."""
+        from pipelive_jax.reconfig.controller import _start_compile_thread
+
+        if shape in self._bg_compiles:
+            return
+        self._bg_compiles.add(shape)
+
+        def work() -> None:
+            try:
+                with self._bg_compile_lock:
+                    for st in stages:
+                        self.cache.get(st, shape)
+            except Exception:  # noqa: BLE001 - the covering shape keeps serving
+                log.exception("background compile of %s failed", shape)
+            finally:
+                self._bg_compiles.discard(shape)
+
+        _start_compile_thread(work)
 
     def _append_token(self, req: Request, tok: int, now: float) -> None:
         p = req.params

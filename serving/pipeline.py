@@ -166,6 +166,10 @@ class CompileCache:
     def has(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> bool:
         return self.key(stage, shape, num_pages) in self._fns
 
+    def shapes(self) -> set[BatchShape]:
+        """Every batch shape compiled for some stage."""
+        return {k[-1] for k in list(self._fns)}
+
     def _compile(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None) -> Any:
         cfg = self.defs.cfg
         sh = jax.sharding.SingleDeviceSharding(stage.device)

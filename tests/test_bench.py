@@ -122,6 +122,7 @@ def test_good_config_parses_and_maps_to_engine_options(tmp_path):
     assert cfg.reconfig[1].after_requests == 5 and cfg.reconfig[1].at_s is None
     opts = cfg.engine_options()
     assert opts["num_pages"] == 64 and opts["max_model_len"] == 64 and opts["max_num_seqs"] == 4
+    assert opts["background_compile"] is False  # off unless [scheduler] asks
     from pipelive_jax.serving.engine import EngineConfig
 
     EngineConfig(**opts)  # every key is an engine option

@@ -214,6 +214,48 @@ def test_preemption_under_a_small_pool_keeps_tokens(tiny, tiny_ref):
     _assert_idle(engine)
 
 
+
+def test_background_compile_runs_a_new_shape_padded_and_keeps_tokens(tiny, tiny_ref):
+    """A step whose shape is not compiled runs on a compiled bigger one (no inline compile) and
+    gives the same tokens; its own shape compiles in the background and is used once ready."""
+    llm = LLM(tiny, plan=[2, 4], background_compile=True, **TINY_OPTIONS)
+    eng = llm.engine
+    # 40 + 33 prompt tokens: a 128-token prefill shape; then decodes at 4 rows.
+    outs = llm.generate([TINY_PROMPTS[7], TINY_PROMPTS[6]], GREEDY)
+    assert _tokens(outs) == [tiny_ref[7], tiny_ref[6]]
+    seen = set(eng._shapes_seen)
+    compiled = eng.cache.compiles
+    used: list = []
+    run = eng.executor.run
+
+    def recording_run(batches):
+        used.extend(b.shape for b in batches)
+        # nothing compiles inside the step: its shape was compiled before it started
+        assert all(eng.cache.has(st, b.shape) for st in eng.executor.stages for b in batches)
+        return run(batches)
+
+    eng.executor.run = recording_run
+    # 20 + 12 tokens: a 32-token prefill, a shape this engine has not compiled
+    outs = llm.generate([TINY_PROMPTS[4], TINY_PROMPTS[3]], GREEDY)
+    assert _tokens(outs) == [tiny_ref[4], tiny_ref[3]]
+    first = used[0]
+    assert first in seen and first.num_tokens > 32  # ran padded on a compiled shape
+    deadline = time.monotonic() + 120
+    exact = dataclasses.replace(first, num_tokens=32, max_q_len=32)
+    while not all(eng.cache.has(st, exact) for st in eng.executor.stages):
+        assert time.monotonic() < deadline, "the background compile never finished"
+        time.sleep(0.05)
+    assert eng.cache.compiles > compiled  # in the background: no step compiled inline
+    used.clear()
+    outs = llm.generate([TINY_PROMPTS[4], TINY_PROMPTS[3]], GREEDY)
+    assert _tokens(outs) == [tiny_ref[4], tiny_ref[3]]
+    assert used[0] == exact
+    while eng._bg_compiles:  # leave no compile running into the next tests
+        assert time.monotonic() < deadline, "a background compile never finished"
+        time.sleep(0.05)
+    _assert_idle(eng)
+
+
 # ------------------------------------------------------------------ abort
 
 
