@@ -370,7 +370,8 @@ def test_precopy_spread_over_steps_is_token_identical(eng, ref, monkeypatch):
     (new pages appear, written ones change); outputs and every migrated token still match."""
     import pipelive_jax.reconfig.controller as controller
 
-    monkeypatch.setattr(controller, "PRECOPY_PAGES_PER_STEP", 1)
+    monkeypatch.setattr(controller, "PRECOPY_CHUNK_PAGES", 1)
+    monkeypatch.setattr(controller, "PRECOPY_STEP_FRACTION", 0.0)
     ensure_plan(eng, TWO)
     ids = add(eng, PROMPTS)
     for _ in range(3):

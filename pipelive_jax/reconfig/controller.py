@@ -133,10 +133,13 @@ class _Pending:
     weight_arrays: list[Any]  # what was moved (to wait on)
 
 
-# Pre-copy pages per route per step boundary: bounds the extra work one step carries. 64
-# SmolLM2 pages of 10 layers are ~16 MB, a few ms here; 256 made steps 10-30% slower on these
-# two shared cores, and one unbounded copy stalled a step for seconds.
-PRECOPY_PAGES_PER_STEP = 64
+# Pre-copy at each step boundary: chunks of PRECOPY_CHUNK_PAGES pages per route, each finished
+# before the next, until PRECOPY_STEP_FRACTION of the last step's duration is spent (at least one
+# chunk per boundary). Copies left running under the next step cost that step several times
+# their own time on these two shared cores (the step's threads wait on a core busy copying), and
+# a fixed 64-page chunk made steps 20-60% slower; a time budget bounds the slowdown instead.
+PRECOPY_CHUNK_PAGES = 16
+PRECOPY_STEP_FRACTION = 0.05
 
 _COMPILE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
@@ -208,6 +211,8 @@ class ReconfigController:
         self._shrink_to: list[tuple[StageRuntime, int]] | None = None
         self._resize_started = False
         self._precopied: dict[int, np.ndarray] | None = None  # route -> source pages copied
+        self._step_t0: float | None = None  # when the current engine step began
+        self._last_step_s = 0.0  # how long the last engine step took (the pre-copy budget)
         self._old_stages = list(engine.executor.stages)
         self._transition_pages: int | None = None
         self._grow: list[tuple[StageRuntime, int]] = []
@@ -293,6 +298,7 @@ class ReconfigController:
     # ------------------------------------------------------------------ engine hooks
 
     def before_step(self) -> None:
+        self._step_t0 = time.perf_counter()
         try:
             self._check_abort()
             if self.phase == "SWITCH":
@@ -303,6 +309,9 @@ class ReconfigController:
             self._abort(e)
 
     def after_step(self) -> None:
+        end = self.engine.last_step_end
+        if self._step_t0 is not None and end is not None:
+            self._last_step_s = max(end - self._step_t0, 0.0)
         try:
             self._check_abort()
             if self.phase == "PREPARE":
@@ -539,8 +548,9 @@ class ReconfigController:
             r.block()
 
     def _precopy(self) -> None:
-        """Copies up to PRECOPY_PAGES_PER_STEP live pages per route at each step boundary,
-        without waiting for them: the bulk copy is spread over steps and overlaps serving.
+        """Copies live pages of every route at this step boundary, a chunk at a time, waiting
+        for each, until PRECOPY_STEP_FRACTION of the last step's time is spent: the bulk copy
+        is spread over steps with a bounded cost per step.
 
         The dirty record starts when the pre-copy does, so whatever the steps write meanwhile
         (into pages copied already or not) goes with the patch rounds. Pages are remembered by
@@ -552,18 +562,26 @@ class ReconfigController:
             for st in self._old_stages:
                 st.pages.clear_dirty()
             self._precopied = {id(r): np.zeros(0, np.int32) for r in self._pending.routes}
-        left = False
+        t0 = time.perf_counter()
+        budget_s = PRECOPY_STEP_FRACTION * self._last_step_s
+        todo = {}
         for r in self._pending.routes:
-            done = self._precopied[id(r)]
             s, d = page_moves(r.src_table, r.dst_table)
-            keep = ~np.isin(s, done)
-            s, d = s[keep], d[keep]
-            if len(s) > PRECOPY_PAGES_PER_STEP:
-                left = True
-                s, d = s[:PRECOPY_PAGES_PER_STEP], d[:PRECOPY_PAGES_PER_STEP]
-            self.report.bytes_kv_precopy += r.copy(s, d)
-            self._precopied[id(r)] = np.concatenate([done, s])
-        if not left:
+            keep = ~np.isin(s, self._precopied[id(r)])
+            todo[id(r)] = (s[keep], d[keep])
+        while any(len(s) for s, _ in todo.values()):
+            for r in self._pending.routes:
+                s, d = todo[id(r)]
+                if not len(s):
+                    continue
+                cs, cd = s[:PRECOPY_CHUNK_PAGES], d[:PRECOPY_CHUNK_PAGES]
+                self.report.bytes_kv_precopy += r.copy(cs, cd)
+                self._precopied[id(r)] = np.concatenate([self._precopied[id(r)], cs])
+                todo[id(r)] = (s[PRECOPY_CHUNK_PAGES:], d[PRECOPY_CHUNK_PAGES:])
+            self._block()
+            if time.perf_counter() - t0 >= budget_s:
+                break
+        if not any(len(s) for s, _ in todo.values()):
             self._enter("PATCH")
             self._run_hook("PATCH")
 

@@ -36,6 +36,11 @@ SLOT_COPY_MAX = 512
 SLOT_COPY_MIN = 32
 
 
+# Compiled gather/scatter pairs shared by every route (see Route._compiled_pair).
+_PROGRAMS: dict[tuple, tuple[Any, Any]] = {}
+_PROGRAMS_LOCK = threading.Lock()
+
+
 def pad_pow2(n: int, minimum: int = 8) -> int:
     b = minimum
     while b < n:
@@ -196,13 +201,29 @@ class Route:
         if got is not None:
             return got
         src, dst = self._abstract()
-        s_sh = jax.sharding.SingleDeviceSharding(self.src_device)
-        d_sh = jax.sharding.SingleDeviceSharding(self.dst_device)
-        k0 = src[0][0]
-        moved = jax.ShapeDtypeStruct((len(src), 2, k0.shape[0], n, *unit), k0.dtype, sharding=d_sh)
-        g = gather.lower(src, jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh))
-        sc = scatter.lower(dst, jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh), moved)
-        fns = (g.compile(), sc.compile())
+        # Routes are rebuilt by every reconfiguration, the programs are not: a route between the
+        # same devices with the same pool shapes reuses them (no compile, no cold first run).
+        key = (
+            gather,
+            n,
+            tuple((a.shape, str(a.dtype)) for a, _ in src),
+            tuple((a.shape, str(a.dtype)) for a, _ in dst),
+            self.src_device.id,
+            self.dst_device.id,
+        )
+        fns = _PROGRAMS.get(key)
+        if fns is None:
+            s_sh = jax.sharding.SingleDeviceSharding(self.src_device)
+            d_sh = jax.sharding.SingleDeviceSharding(self.dst_device)
+            k0 = src[0][0]
+            moved = jax.ShapeDtypeStruct(
+                (len(src), 2, k0.shape[0], n, *unit), k0.dtype, sharding=d_sh
+            )
+            g = gather.lower(src, jax.ShapeDtypeStruct((n,), np.int32, sharding=s_sh))
+            sc = scatter.lower(dst, jax.ShapeDtypeStruct((n,), np.int32, sharding=d_sh), moved)
+            fns = (g.compile(), sc.compile())
+            with _PROGRAMS_LOCK:
+                fns = _PROGRAMS.setdefault(key, fns)
         with self._lock:
             cache.setdefault(n, fns)
         return cache[n]
