@@ -575,7 +575,10 @@ def test_bench_tiny_smoke_end_to_end(smoke_run):
     meta = res["metadata"]
     text = open(os.path.join(ROOT, "configs", "tiny-smoke.toml"), "rb").read()
     assert meta["config_sha256"] == hashlib.sha256(text).hexdigest()
-    assert meta["versions"]["jax"] and "git_commit" in meta and meta["machine"]
+    assert meta["versions"]["jax"] and meta["machine"]["cpu_count"]
+    if os.path.isdir(os.path.join(ROOT, ".git")):  # run from a checkout: its commit is recorded
+        assert len(meta["git_commit"] or "") == 40, meta["git_commit"]
+    assert res["cpu_other_cores"] is not None  # the CPU watch ran
     tl = res["timeline"]
     assert len(tl["t_s"]) == len(tl["output_tokens_per_s"]) == len(tl["waiting"])
     assert sum(tl["output_tokens_per_s"]) * tl["interval_s"] == pytest.approx(
@@ -584,6 +587,16 @@ def test_bench_tiny_smoke_end_to_end(smoke_run):
     for png in PNGS:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+
+
+def test_machine_metadata_outside_a_checkout(tmp_path):
+    from pipelive_jax.bench.machine import CpuWatch, git_commit, machine_info
+
+    assert git_commit(str(tmp_path)) == {"commit": None, "dirty": None}
+    assert machine_info()["cpu_count"] == os.cpu_count()
+    with CpuWatch() as w:
+        sum(range(200_000))
+    assert w.wall > 0
 
 
 def test_bench_compare_two_runs(smoke_run, tmp_path):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -78,16 +77,9 @@ def _versions() -> dict[str, Any]:
 
 
 def _machine_and_git() -> tuple[dict[str, Any], dict[str, Any]]:
-    """`benchmarks.common`'s machine and git helpers from a checkout; a minimum otherwise."""
-    try:
-        from benchmarks.common import git_commit, machine_info
+    from pipelive_jax.bench.machine import git_commit, machine_info
 
-        return machine_info(), git_commit()
-    except ImportError:
-        return (
-            {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-            {"commit": None, "dirty": None},
-        )
+    return machine_info(), git_commit()
 
 
 def compute_results(cfg: BenchConfig, rec: RunRecord, *, engine: Any = None) -> dict[str, Any]:

@@ -493,13 +493,7 @@ def run_bench(
 
 
 def _cpu_watch() -> Any:
-    """`benchmarks.common.CpuWatch` when run from a checkout (how much CPU others took), else a
-    no-op context."""
-    try:
-        from benchmarks.common import CpuWatch
+    """How much CPU other processes took during the measured run."""
+    from pipelive_jax.bench.machine import CpuWatch
 
-        return CpuWatch()
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
+    return CpuWatch()
