@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelive_jax.bench.machine import CpuWatch, git_commit, machine_info  # noqa: F401
+from pipelive_jax.bench.machine import CpuWatch, git_commit, machine_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")

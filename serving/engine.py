@@ -43,6 +43,7 @@ from pipelive_jax.serving.pipeline import (
     bucket,
     kv_spec_for,
     place_stage_params,
+    start_compile_thread,
 )
 from pipelive_jax.serving.request import Request, RequestOutput
 from pipelive_jax.serving.sampling import SamplingParams, sample_token
@@ -174,6 +175,7 @@ class Engine:
         self.step_hooks: list[Callable[[Engine], None]] = []
         self._shapes_seen: dict[BatchShape, int] = {}
         self._bg_compiles: set[BatchShape] = set()  # shapes compiling in the background
+        self._bg_failed: set[BatchShape] = set()  # background compiles that raised
         self._bg_compile_lock = threading.Lock()
 
     # ------------------------------------------------------------------ stages
@@ -442,10 +444,8 @@ class Engine:
 
     def _compile_later(self, shape: BatchShape, stages: list[StageRuntime]) -> None:
         """Compiles `shape` for `stages` on a background thread (one at a time, each shape
-        once); a failure is logged and leaves the step on its covering shape."""
-        from pipelive_jax.reconfig.controller import _start_compile_thread
-
-        if shape in self._bg_compiles:
+        once); a failure is logged and not retried: the covering shape keeps serving."""
+        if shape in self._bg_compiles or shape in self._bg_failed:
             return
         self._bg_compiles.add(shape)
 
@@ -456,10 +456,11 @@ class Engine:
                         self.cache.get(st, shape)
             except Exception:  # noqa: BLE001 - the covering shape keeps serving
                 log.exception("background compile of %s failed", shape)
+                self._bg_failed.add(shape)
             finally:
                 self._bg_compiles.discard(shape)
 
-        _start_compile_thread(work)
+        start_compile_thread(work)
 
     def _append_token(self, req: Request, tok: int, now: float) -> None:
         p = req.params

@@ -10,7 +10,10 @@ asynchronously, so with several micro-batches the stages work at the same time.
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,6 +26,25 @@ from pipelive_jax.kv.pages import PageTable
 from pipelive_jax.kv.pools import KVSpec, StagePools
 from pipelive_jax.models.llama import BatchMeta, ModelDefs, StageParams, stage_forward
 from pipelive_jax.plan import PipelinePlan, StageSpec
+
+_COMPILE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def start_compile_thread(target: Callable[[], None]) -> threading.Thread:
+    """Starts a background AOT compile (a reconfiguration's new stages, a batch shape met for
+    the first time). The threads are daemons (a stuck compile must not keep the process alive),
+    but one still inside XLA when the interpreter exits aborts the process, so exit waits for
+    them (`_join_compile_threads`)."""
+    t = threading.Thread(target=target, name="pipelive-aot", daemon=True)
+    _COMPILE_THREADS.add(t)
+    t.start()
+    return t
+
+
+@atexit.register
+def _join_compile_threads() -> None:
+    for t in list(_COMPILE_THREADS):
+        t.join(timeout=120)
 
 
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:

@@ -256,6 +256,32 @@ def test_background_compile_runs_a_new_shape_padded_and_keeps_tokens(tiny, tiny_
     _assert_idle(eng)
 
 
+
+def test_a_failed_background_compile_is_not_retried_and_serving_goes_on(tiny, tiny_ref):
+    llm = LLM(tiny, plan=[6], background_compile=True, **TINY_OPTIONS)
+    eng = llm.engine
+    outs = llm.generate([TINY_PROMPTS[7], TINY_PROMPTS[6]], GREEDY)  # compiles a big shape
+    assert _tokens(outs) == [tiny_ref[7], tiny_ref[6]]
+    get, failed = eng.cache.get, []
+
+    def failing_get(stage, shape, num_pages=None):
+        if not eng.cache.has(stage, shape, num_pages):
+            failed.append(shape)
+            raise RuntimeError("injected compile failure")
+        return get(stage, shape, num_pages)
+
+    eng.cache.get = failing_get
+    for _ in range(2):  # the second request meets the same uncompiled shape
+        outs = llm.generate([TINY_PROMPTS[4], TINY_PROMPTS[3]], GREEDY)
+        assert _tokens(outs) == [tiny_ref[4], tiny_ref[3]]
+        deadline = time.monotonic() + 60
+        while eng._bg_compiles:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert failed and len(failed) == len(set(failed))  # each shape tried once, never again
+    _assert_idle(eng)
+
+
 # ------------------------------------------------------------------ abort
 
 

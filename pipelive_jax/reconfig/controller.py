@@ -18,11 +18,9 @@ matter of dropping the pending objects.
 
 from __future__ import annotations
 
-import atexit
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +35,7 @@ from pipelive_jax.memory import DeviceBudget, check_admission
 from pipelive_jax.models.llama import StageParams
 from pipelive_jax.plan import parse_plan, plan_diff
 from pipelive_jax.reconfig.migrate import SLOT_COPY_MAX, Route, page_moves, slot_moves
+from pipelive_jax.serving.pipeline import start_compile_thread
 
 if TYPE_CHECKING:
     from pipelive_jax.serving.engine import Engine
@@ -140,25 +139,6 @@ class _Pending:
 # a fixed 64-page chunk made steps 20-60% slower; a time budget bounds the slowdown instead.
 PRECOPY_CHUNK_PAGES = 16
 PRECOPY_STEP_FRACTION = 0.05
-
-_COMPILE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-
-
-def _start_compile_thread(target: Callable[[], None]) -> threading.Thread:
-    """Starts a background AOT compile. The threads are daemons (a stuck compile must not keep
-    the process alive), but one still inside XLA when the interpreter exits aborts the process,
-    so exit waits for them (`_join_compile_threads`)."""
-    t = threading.Thread(target=target, name="pipelive-aot", daemon=True)
-    _COMPILE_THREADS.add(t)
-    t.start()
-    return t
-
-
-@atexit.register
-def _join_compile_threads() -> None:
-    for t in list(_COMPILE_THREADS):
-        t.join(timeout=120)
-
 
 class ReconfigController:
     """Drives one reconfiguration of `engine` to `plan` (host state; engine lock held by caller)."""
@@ -369,7 +349,7 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = _start_compile_thread(compile_shrunk)
+        self._compile_thread = start_compile_thread(compile_shrunk)
 
     def _build_pending(self) -> None:
         """Builds the pending stages and routes, dispatches the weight moves, and starts
@@ -461,7 +441,7 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = _start_compile_thread(compile_all)
+        self._compile_thread = start_compile_thread(compile_all)
 
     def _move_weights(self) -> None:
         """Dispatches the device_put of every moved layer's weights (and embed/head)."""
@@ -752,7 +732,7 @@ class ReconfigController:
                 except BaseException as e:  # noqa: BLE001
                     self._compile_error = e
 
-            self._compile_thread = _start_compile_thread(compile_all)
+            self._compile_thread = start_compile_thread(compile_all)
         else:
             self._compile_thread = None
             self._finish_ok()
