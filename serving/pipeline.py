@@ -11,6 +11,7 @@ asynchronously, so with several micro-batches the stages work at the same time.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import threading
 import weakref
 from collections.abc import Callable
@@ -126,6 +127,52 @@ class StageRuntime:
         return tuple(range(self.spec.start, self.spec.end))
 
 
+def _shape_order(s: BatchShape) -> tuple[int, int, int, int]:
+    return (s.num_tokens, s.max_seqs, s.max_q_len, s.pages_per_seq)
+
+
+@dataclass(frozen=True)
+class _StageSignature:
+    """What fixes a stage's compiled function besides the batch shape, holding no arrays (the
+    weights as `ShapeDtypeStruct`s), so a cache can compile for a stage that no longer runs."""
+
+    start: int
+    end: int
+    is_first: bool
+    is_last: bool
+    device: jax.Device
+    num_pages: int
+    params: Any = dataclasses.field(compare=False)  # StageParams of ShapeDtypeStruct
+    pool_spec: KVSpec = dataclasses.field(compare=False)
+
+    @property
+    def key(self) -> tuple:
+        return (self.start, self.end, self.is_first, self.is_last, self.device.id, self.num_pages)
+
+    @staticmethod
+    def key_of(stage: StageRuntime, num_pages: int | None = None) -> tuple:
+        """`of(stage, num_pages).key` without building the signature (the per-step lookup)."""
+        n = num_pages if num_pages is not None else stage.pools.num_pages
+        s = stage.spec
+        return (s.start, s.end, stage.is_first, stage.is_last, stage.device.id, n)
+
+    @staticmethod
+    def of(stage: StageRuntime, num_pages: int | None = None) -> _StageSignature:
+        sh = jax.sharding.SingleDeviceSharding(stage.device)
+        return _StageSignature(
+            start=stage.spec.start,
+            end=stage.spec.end,
+            is_first=stage.is_first,
+            is_last=stage.is_last,
+            device=stage.device,
+            num_pages=num_pages if num_pages is not None else stage.pools.num_pages,
+            params=jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), stage.params
+            ),
+            pool_spec=stage.pools.spec,
+        )
+
+
 class CompileCache:
     """AOT-compiled stage functions, keyed by what fixes their shapes and placement.
 
@@ -138,25 +185,33 @@ class CompileCache:
         self._fns: dict[tuple, Any] = {}
         self._lock = threading.Lock()
         self._inflight: dict[tuple, threading.Event] = {}
+        self._stages: dict[tuple, _StageSignature] = {}  # key without the shape -> signature
         self.compiles = 0
+
+    def inherit(self, other: CompileCache) -> None:
+        """Takes over what a replaced cache knew, not its functions: every stage it compiled
+        for (so that `compile_known` still covers them) and its running count of compiles (so
+        that counts taken across a restart stay differences of one counter)."""
+        with self._lock:
+            for k, sig in other._stages.items():
+                self._stages.setdefault(k, sig)
+            self.compiles += other.compiles
 
     @staticmethod
     def key(stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> tuple:
-        return (
-            stage.spec.start,
-            stage.spec.end,
-            stage.is_first,
-            stage.is_last,
-            stage.device.id,
-            num_pages if num_pages is not None else stage.pools.num_pages,
-            shape,
-        )
+        return (*_StageSignature.key_of(stage, num_pages), shape)
 
     def get(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None = None) -> Any:
         """The compiled function for a key, compiling it at most once: a thread that asks for a
         key another thread is compiling waits for that compile instead of starting its own (the
         engine thread meeting a shape the background AOT thread is busy with)."""
-        k = self.key(stage, shape, num_pages)
+        fn = self._fns.get(self.key(stage, shape, num_pages))
+        if fn is not None:
+            return fn
+        return self._get(_StageSignature.of(stage, num_pages), shape)
+
+    def _get(self, sig: _StageSignature, shape: BatchShape) -> Any:
+        k = (*sig.key, shape)
         fn = self._fns.get(k)
         if fn is not None:
             return fn
@@ -174,11 +229,12 @@ class CompileCache:
             fn = self._fns.get(k)
             if fn is not None:
                 return fn
-            return self.get(stage, shape, num_pages)  # the other compile failed: try ourselves
+            return self._get(sig, shape)  # the other compile failed: try ourselves
         try:
-            fn = self._compile(stage, shape, num_pages)
+            fn = self._compile(sig, shape)
             with self._lock:
                 self._fns[k] = fn
+                self._stages.setdefault(sig.key, sig)
             return fn
         finally:
             with self._lock:
@@ -192,19 +248,27 @@ class CompileCache:
         """Every batch shape compiled for some stage."""
         return {k[-1] for k in list(self._fns)}
 
-    def _compile(self, stage: StageRuntime, shape: BatchShape, num_pages: int | None) -> Any:
+    def compile_known(self, shapes: list[BatchShape] | None = None) -> int:
+        """Compiles every batch shape (default: every shape compiled for some stage) for every
+        stage signature this cache has compiled for, or inherited; returns how many compiled.
+
+        Which shapes a reconfiguration compiles for its new stages depends on the shapes served
+        just before it, so on timing; a benchmark's rehearsal ends with this so that its
+        measured run meets no compile, whatever the timing (`pipelive bench`)."""
+        wanted = sorted(self.shapes() if shapes is None else set(shapes), key=_shape_order)
+        before = self.compiles
+        for sig in list(self._stages.values()):
+            for shape in wanted:
+                self._get(sig, shape)
+        return self.compiles - before
+
+    def _compile(self, sig: _StageSignature, shape: BatchShape) -> Any:
         cfg = self.defs.cfg
-        sh = jax.sharding.SingleDeviceSharding(stage.device)
-
-        def abstract(a: Any) -> jax.ShapeDtypeStruct:
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
-
-        params = jax.tree.map(abstract, stage.params)
-        n_pages = num_pages if num_pages is not None else stage.pools.num_pages
-        pool = jax.ShapeDtypeStruct(
-            stage.pools.spec.pool_shape(n_pages), stage.pools.spec.dtype, sharding=sh
-        )
-        kv = [(pool, pool) for _ in stage.layer_ids]
+        sh = jax.sharding.SingleDeviceSharding(sig.device)
+        params = sig.params
+        spec = sig.pool_spec
+        pool = jax.ShapeDtypeStruct(spec.pool_shape(sig.num_pages), spec.dtype, sharding=sh)
+        kv = [(pool, pool) for _ in range(sig.start, sig.end)]
         i32 = jnp.int32
         t, n, m = shape.num_tokens, shape.max_seqs, shape.pages_per_seq
         meta = BatchMeta(
@@ -216,7 +280,7 @@ class CompileCache:
             num_seqs=jax.ShapeDtypeStruct((), i32, sharding=sh),
             logits_indices=jax.ShapeDtypeStruct((n,), i32, sharding=sh),
         )
-        if stage.is_first:
+        if sig.is_first:
             x = jax.ShapeDtypeStruct((t,), i32, sharding=sh)
         else:
             x = jax.ShapeDtypeStruct((t, cfg.hidden_size), cfg.jnp_dtype, sharding=sh)

@@ -257,6 +257,32 @@ def test_background_compile_runs_a_new_shape_padded_and_keeps_tokens(tiny, tiny_
 
 
 
+def test_compile_known_fills_every_shape_met_for_every_stage_met(tiny, tiny_ref):
+    """After `compile_known`, going back to an earlier plan and serving a shape that plan never
+    ran compiles nothing (what `pipelive bench`'s rehearsal relies on to make runs repeatable)."""
+    llm = LLM(tiny, plan=[6], **TINY_OPTIONS)
+    eng = llm.engine
+
+    def reconfigure(plan):
+        h = eng.reconfigure(plan, mode="live")
+        while not h.done():
+            eng.step()
+        assert h.report().ok, h.report().reason
+
+    assert _tokens(llm.generate([TINY_PROMPTS[7]], GREEDY)) == [tiny_ref[7]]
+    reconfigure([2, 4])
+    # 20 + 12 prompt tokens: a 32-token prefill, a shape the one-stage plan never ran
+    pair = [TINY_PROMPTS[4], TINY_PROMPTS[3]]
+    assert _tokens(llm.generate(pair, GREEDY)) == [tiny_ref[4], tiny_ref[3]]
+    assert eng.cache.compile_known() == 1  # that shape, for the one-stage plan's stage
+    assert eng.cache.compile_known() == 0
+    compiled = eng.cache.compiles
+    reconfigure([6])
+    assert _tokens(llm.generate(pair, GREEDY)) == [tiny_ref[4], tiny_ref[3]]
+    assert eng.cache.compiles == compiled
+    _assert_idle(eng)
+
+
 def test_a_failed_background_compile_is_not_retried_and_serving_goes_on(tiny, tiny_ref):
     llm = LLM(tiny, plan=[6], background_compile=True, **TINY_OPTIONS)
     eng = llm.engine

@@ -1003,14 +1003,19 @@ def test_restart_mode_is_token_identical(eng, ref, source, target):
     assert "SWITCH" in r.phase_ms and "PRECOPY" not in r.phase_ms
 
 
-def test_restart_reports_the_compiles_in_its_pause(eng):
+def test_restart_compiles_every_shape_the_old_cache_had_in_its_pause(eng):
     ensure_plan(eng, ONE)
+    old_cache, before = eng.cache, eng.cache.compiles
+    old_shapes = old_cache.shapes()
     h = eng.reconfigure(TWO, mode="restart")
     run_to_done(eng, h)
     r = h.report()
-    assert r.ok and eng.plan == plan_of(TWO)
-    # The restarted server compiled both stages for every recent batch shape in the pause.
-    assert r.compiled_in_pause == eng.cache.compiles > 0
+    assert r.ok and eng.plan == plan_of(TWO) and eng.cache is not old_cache
+    # A new cache, filled in the pause for both stages with every shape the old one had (so no
+    # step after the restart compiles inline); the count carries on across the two caches.
+    assert r.compiled_in_pause == len(old_shapes) * 2
+    assert eng.cache.compiles - before >= r.compiled_in_pause
+    assert all(eng.cache.has(st, s) for st in eng.executor.stages for s in old_shapes)
 
 
 # ------------------------------------------------------------------ real weights

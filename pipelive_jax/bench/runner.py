@@ -16,9 +16,15 @@ waits, as a client's request would wait in the server's socket. Tokens are timed
 that produced them returns to the host (`RequestMetrics.token_times`).
 
 Before the measured run an optional rehearsal replays the very same workload and schedule once,
-unmeasured (restart entries left out), so that the measured run finds compiled nearly every
-(stage, KV capacity, batch shape) it meets: on CPU each of those compiles for seconds, and
-without a rehearsal those compiles, not the system under test, dominate the latencies. An
+unmeasured, then compiles every batch shape it met for every (stage, KV capacity) it met
+(`CompileCache.compile_known`), so that the measured run meets no compile: on CPU each compiles
+for seconds, and without a rehearsal those compiles, not the system under test, dominate the
+latencies. Which shapes a reconfiguration compiles for its new stages depends on what was served
+just before it, so on timing; without the final fill two runs of one config compiled at
+different moments and their latencies differed up to 2x. A restarted engine starts with an
+empty compile cache and compiles every shape the old one had in its pause; after a rehearsal
+those programs come from JAX's in-process cache, as a persistent compilation cache would serve
+a real restart. An
 optional warm-up (not measured) serves `warmup_requests` requests
 drawn from the same workload with another seed, so that the batch shapes the workload uses are
 compiled; with `warmup_reconfig` it also walks through the reconfiguration schedule with requests
@@ -328,12 +334,11 @@ def rehearse(
     requests: list[WorkloadRequest],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Replays the measured workload and schedule once, unmeasured (restart entries left out),
-    then brings the engine back to the initial plan; returns what it did."""
+    """Replays the measured workload and schedule once, unmeasured, brings the engine back to
+    the initial plan, and compiles every shape met for every stage met; returns what it did."""
     t0 = time.perf_counter()
-    c0 = engine.cache.compiles
     initial = engine.plan
-    schedule = tuple(e for e in cfg.reconfig if e.mode != "restart")
+    schedule = tuple(cfg.reconfig)
     log(f"rehearsal: {len(requests)} requests, {len(schedule)} reconfigurations (not measured)")
     rec = run_workload(
         engine,
@@ -352,9 +357,16 @@ def rehearse(
         while not h.done():
             engine.step()
             time.sleep(0.002)
+    t_fill = time.perf_counter()
+    filled = engine.cache.compile_known()
+    log(f"rehearsal: {filled} more compiles to cover every shape met on every stage met")
     return {
         "seconds": round(time.perf_counter() - t0, 2),
-        "compiles": engine.cache.compiles - c0,
+        # A restart replaces the cache, so the compiles are those of the run's compiled
+        # functions plus the final fill, not a difference of counters.
+        "compiles": rec.compiles + filled,
+        "fill_compiles": filled,
+        "fill_s": round(time.perf_counter() - t_fill, 2),
         "reconfigs_ok": sum(1 for r in rec.reconfigs if r.get("ok")),
         "refusals": len(rec.refusals),
     }

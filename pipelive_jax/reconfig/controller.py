@@ -140,6 +140,7 @@ class _Pending:
 PRECOPY_CHUNK_PAGES = 16
 PRECOPY_STEP_FRACTION = 0.05
 
+
 class ReconfigController:
     """Drives one reconfiguration of `engine` to `plan` (host state; engine lock held by caller)."""
 
@@ -589,8 +590,7 @@ class ReconfigController:
         eng = self.engine
         self._run_hook("SWITCH")
         t_end_old = eng.last_step_end if eng.last_step_end is not None else time.perf_counter()
-        cache_before = eng.cache
-        compiles_before = cache_before.compiles
+        compiles_before = eng.cache.compiles  # a restart's new cache carries the count on
         if self.mode == "restart":
             self._restart()
         else:
@@ -636,9 +636,7 @@ class ReconfigController:
             eng.scheduler.set_page_tables(eng.executor.page_tables)
         now = time.perf_counter()
         self.report.pause_ms = (now - t_end_old) * 1e3
-        self.report.compiled_in_pause = (
-            eng.cache.compiles - compiles_before if eng.cache is cache_before else eng.cache.compiles
-        )
+        self.report.compiled_in_pause = eng.cache.compiles - compiles_before
         if self.verify and self.mode != "restart":
             self.report.verified_pages = self._verify()
         # Freeing what left (and planning growth) waits for the end of the first new-plan step:
@@ -686,13 +684,20 @@ class ReconfigController:
             st.pools.delete()
         from pipelive_jax.serving.pipeline import CompileCache
 
-        eng.cache = CompileCache(eng.defs, eng.backend)  # a restarted server has no compiled code
+        # A restarted server has no compiled code: it compiles, in the pause, every batch shape
+        # the old one had (as a server compiles its shape buckets at start-up), so no step after
+        # it compiles inline. Programs compiled before in this process come from JAX's
+        # in-process cache, as a persistent compilation cache would serve a real restart.
+        old_cache = eng.cache
+        shapes = old_cache.shapes() | set(eng.executor_shapes())
+        eng.cache = CompileCache(eng.defs, eng.backend)
+        eng.cache.inherit(old_cache)
         eng.plan = self.target
         from pipelive_jax.serving.pipeline import PipelineExecutor
 
         eng.executor = PipelineExecutor(eng.defs, eng._build_stages(self.target), eng.cache)
         sched.set_page_tables(eng.executor.page_tables)
-        for shape in eng.executor_shapes():
+        for shape in sorted(shapes, key=lambda s: (s.num_tokens, s.max_seqs, s.max_q_len)):
             eng.executor.compile_for(shape)
 
     # ------------------------------------------------------------------ RESIZE
@@ -729,6 +734,7 @@ class ReconfigController:
                     for st, cap in grow:
                         for shape in shapes:
                             eng.cache.get(st, shape, cap)
+                        st.pools.warm_resize(cap)  # the copy into the grown pools, too
                 except BaseException as e:  # noqa: BLE001
                     self._compile_error = e
 
