@@ -177,6 +177,11 @@ class Engine:
         self._bg_compiles: set[BatchShape] = set()  # shapes compiling in the background
         self._bg_failed: set[BatchShape] = set()  # background compiles that raised
         self._bg_compile_lock = threading.Lock()
+        # Set (by `pipelive bench` after its rehearsal) to serve only on compiled shapes: a
+        # batch runs padded on the smallest compiled shape that holds it and nothing new is
+        # compiled for it, as a server that compiled its shape buckets at start-up; it compiles
+        # only when no compiled shape holds the batch.
+        self.shapes_frozen = False
 
     # ------------------------------------------------------------------ stages
 
@@ -375,7 +380,7 @@ class Engine:
             pages_per_seq=-(-c.max_model_len // c.page_size),
             max_q_len=bucket(max_q, 1, t_b),
         )
-        if c.background_compile:
+        if c.background_compile or self.shapes_frozen:
             shape = self._compiled_shape(shape)
             t_b = shape.num_tokens
         self._shapes_seen[shape] = self.step_count
@@ -439,7 +444,8 @@ class Engine:
         ]
         if not covering:
             return exact
-        self._compile_later(exact, list(stages))
+        if not self.shapes_frozen:
+            self._compile_later(exact, list(stages))
         return min(covering, key=lambda s: (s.num_tokens, s.max_q_len))
 
     def _compile_later(self, shape: BatchShape, stages: list[StageRuntime]) -> None:

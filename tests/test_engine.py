@@ -280,6 +280,15 @@ def test_compile_known_fills_every_shape_met_for_every_stage_met(tiny, tiny_ref)
     reconfigure([6])
     assert _tokens(llm.generate(pair, GREEDY)) == [tiny_ref[4], tiny_ref[3]]
     assert eng.cache.compiles == compiled
+    # Frozen shapes: a 12-token prefill (a 16-token shape, never compiled) runs padded on a
+    # compiled shape, with the same tokens, and nothing compiles, now or in the background.
+    eng.shapes_frozen = True
+    used: list = []
+    run = eng.executor.run
+    eng.executor.run = lambda batches: used.extend(b.shape for b in batches) or run(batches)
+    assert _tokens(llm.generate([TINY_PROMPTS[3]], GREEDY)) == [tiny_ref[3]]
+    assert used[0].num_tokens == 32 and not eng._bg_compiles
+    assert eng.cache.compiles == compiled
     _assert_idle(eng)
 
 

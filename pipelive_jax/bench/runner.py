@@ -19,8 +19,10 @@ Before the measured run an optional rehearsal replays the very same workload and
 unmeasured, then compiles every batch shape it met for every (stage, KV capacity) it met
 (`CompileCache.compile_known`), so that the measured run meets no compile: on CPU each compiles
 for seconds, and without a rehearsal those compiles, not the system under test, dominate the
-latencies. Which shapes a reconfiguration compiles for its new stages depends on what was served
-just before it, so on timing; without the final fill two runs of one config compiled at
+latencies. The measured run then serves only on those shapes (`Engine.shapes_frozen`: a batch
+runs padded on the smallest compiled shape that holds it), as a server that compiled its shape
+buckets at start-up. Which shapes a run meets, and so which a reconfiguration compiles for its
+new stages, depends on timing; before these two steps two runs of one config compiled at
 different moments and their latencies differed up to 2x. A restarted engine starts with an
 empty compile cache and compiles every shape the old one had in its pause; after a rehearsal
 those programs come from JAX's in-process cache, as a persistent compilation cache would serve
@@ -360,6 +362,9 @@ def rehearse(
     t_fill = time.perf_counter()
     filled = engine.cache.compile_known()
     log(f"rehearsal: {filled} more compiles to cover every shape met on every stage met")
+    # Which shapes a run meets also depends on timing: serve the measured run on the shapes
+    # compiled now (padded to the smallest that holds a batch) instead of compiling new ones.
+    engine.shapes_frozen = True
     return {
         "seconds": round(time.perf_counter() - t0, 2),
         # A restart replaces the cache, so the compiles are those of the run's compiled
@@ -367,6 +372,7 @@ def rehearse(
         "compiles": rec.compiles + filled,
         "fill_compiles": filled,
         "fill_s": round(time.perf_counter() - t_fill, 2),
+        "shapes_frozen": len(engine.cache.shapes()),
         "reconfigs_ok": sum(1 for r in rec.reconfigs if r.get("ok")),
         "refusals": len(rec.refusals),
     }
