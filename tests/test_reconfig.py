@@ -365,6 +365,24 @@ def test_ten_reconfigurations_under_continuous_load(eng, ref):
     assert_clean(eng)
 
 
+@pytest.mark.parametrize(
+    "pages, took_ms, budget_ms, expected",
+    [
+        (16, 10.0, 5.0, 8),  # overran: halved
+        (8, 10.0, 5.0, 8),  # not below the smallest compiled copy
+        (1, 1.0, 0.0, 1),  # nor above what it was (a test's 1-page chunks stay 1)
+        (16, 1.0, 5.0, 32),  # well under budget: doubled
+        (64, 0.0, 5.0, 64),  # up to the largest
+        (128, 0.0, 5.0, 128),  # a larger setting is not shrunk for being fast
+        (16, 2.0, 5.0, 16),  # in between: kept
+    ],
+)
+def test_precopy_chunk_follows_the_step_budget(pages, took_ms, budget_ms, expected):
+    from pipelive_jax.reconfig.controller import next_chunk_pages
+
+    assert next_chunk_pages(pages, took_ms / 1e3, budget_ms / 1e3) == expected
+
+
 def test_precopy_spread_over_steps_is_token_identical(eng, ref, monkeypatch):
     """One page per route per step: the pre-copy takes several steps while the sequences grow
     (new pages appear, written ones change); outputs and every migrated token still match."""
@@ -392,6 +410,9 @@ def test_precopy_spread_over_steps_is_token_identical(eng, ref, monkeypatch):
     r = h.report()
     assert r.ok, f"{r.aborted_in}: {r.reason}"
     assert phases.count("PRECOPY") >= 3, phases
+    # After the last timed round, one more old-plan step; its writes are the switch's copy
+    # (not waited on in the pause), checked byte for byte with the rest by verify.
+    assert phases.count("SWITCH") == 1 and r.bytes_kv_final > 0, phases
     assert r.verified_pages > 0 and r.bytes_kv_precopy > 0
     assert outputs(eng, ids) == expected(ref, PROMPTS)
     assert_clean(eng)

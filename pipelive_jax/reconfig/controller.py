@@ -6,7 +6,9 @@
 `Engine.step()` calls `before_step()` and `after_step()`; every copy is dispatched between two
 steps, so it sees a consistent state, and serving goes on between phases. The new plan's stage
 functions are compiled ahead of time on a background thread (PREPARE), so the switch itself is
-a final patch of the pages dirtied by the last old step and a swap of references.
+a final patch of the slots written by the last old step and a swap of references. In live mode
+that patch is dispatched and not waited on: the new plan's stage functions take the patched
+pools as inputs, so XLA orders them, and the pause holds the dispatch, not the copy.
 
 New stages are built beside the old ones ("pending"): a stage on a device that already serves
 reuses that device's page table (same page ids, so migrated pages land at the target's id for
@@ -137,8 +139,24 @@ class _Pending:
 # chunk per boundary). Copies left running under the next step cost that step several times
 # their own time on these two shared cores (the step's threads wait on a core busy copying), and
 # a fixed 64-page chunk made steps 20-60% slower; a time budget bounds the slowdown instead.
+# The chunk then adapts: halved (down to PRECOPY_MIN_CHUNK_PAGES, the smallest compiled copy)
+# when one chunk alone overran the budget, doubled (up to PRECOPY_MAX_CHUNK_PAGES) when it took
+# under a quarter of it; a chunk of 16 pages took 2-6 ms idle but up to ~30 ms while serving.
 PRECOPY_CHUNK_PAGES = 16
+PRECOPY_MIN_CHUNK_PAGES = 8
+PRECOPY_MAX_CHUNK_PAGES = 64
 PRECOPY_STEP_FRACTION = 0.05
+
+
+def next_chunk_pages(pages: int, took_s: float, budget_s: float) -> int:
+    """The pre-copy chunk after a chunk of `pages` pages took `took_s` against the per-boundary
+    `budget_s`: halved when it overran (not below PRECOPY_MIN_CHUNK_PAGES, nor above `pages`),
+    doubled when it took under a quarter (not above PRECOPY_MAX_CHUNK_PAGES), else kept."""
+    if took_s > budget_s:
+        return max(pages // 2, min(pages, PRECOPY_MIN_CHUNK_PAGES))
+    if took_s < budget_s / 4:
+        return max(pages, min(pages * 2, PRECOPY_MAX_CHUNK_PAGES))
+    return pages
 
 
 class ReconfigController:
@@ -191,7 +209,9 @@ class ReconfigController:
         self._shrunk: list[tuple[StageRuntime, int]] = []
         self._shrink_to: list[tuple[StageRuntime, int]] | None = None
         self._resize_started = False
+        self._final_step_done = False  # live: the old-plan step after the last timed round ran
         self._precopied: dict[int, np.ndarray] | None = None  # route -> source pages copied
+        self._chunk_pages = PRECOPY_CHUNK_PAGES
         self._step_t0: float | None = None  # when the current engine step began
         self._last_step_s = 0.0  # how long the last engine step took (the pre-copy budget)
         self._old_stages = list(engine.executor.stages)
@@ -283,7 +303,12 @@ class ReconfigController:
         try:
             self._check_abort()
             if self.phase == "SWITCH":
-                self._switch()
+                if self.mode == "live" and not self._final_step_done:
+                    # One more old-plan step: what it writes is the final round, copied in the
+                    # switch without waiting for it (see _switch): the pause holds its dispatch.
+                    self._final_step_done = True
+                else:
+                    self._switch()
             elif self.phase == "RESIZE" and self._resize_started:
                 self._resize_step()
         except Exception as e:  # noqa: BLE001 - any failure rolls back
@@ -551,16 +576,20 @@ class ReconfigController:
             keep = ~np.isin(s, self._precopied[id(r)])
             todo[id(r)] = (s[keep], d[keep])
         while any(len(s) for s, _ in todo.values()):
+            t_chunk = time.perf_counter()
+            n = self._chunk_pages
             for r in self._pending.routes:
                 s, d = todo[id(r)]
                 if not len(s):
                     continue
-                cs, cd = s[:PRECOPY_CHUNK_PAGES], d[:PRECOPY_CHUNK_PAGES]
+                cs, cd = s[:n], d[:n]
                 self.report.bytes_kv_precopy += r.copy(cs, cd)
                 self._precopied[id(r)] = np.concatenate([self._precopied[id(r)], cs])
-                todo[id(r)] = (s[PRECOPY_CHUNK_PAGES:], d[PRECOPY_CHUNK_PAGES:])
+                todo[id(r)] = (s[n:], d[n:])
             self._block()
-            if time.perf_counter() - t0 >= budget_s:
+            now = time.perf_counter()
+            self._chunk_pages = next_chunk_pages(n, now - t_chunk, budget_s)
+            if now - t0 >= budget_s:
                 break
         if not any(len(s) for s, _ in todo.values()):
             self._enter("PATCH")
@@ -569,7 +598,7 @@ class ReconfigController:
     def _patch_round(self) -> None:
         """Copies what the last step wrote and times it. A step writes about as much as the one
         before, so a round that took at most half the pause budget predicts the final round:
-        switch at the next boundary (the last round and the switch make up the pause)."""
+        switch after one more step, whose writes the switch copies."""
         t0 = time.perf_counter()
         nbytes = self._copy_pages(only_dirty=True)
         self._block()
@@ -599,9 +628,13 @@ class ReconfigController:
                 self._move_weights()
                 jax.block_until_ready(self._pending.weight_arrays)
                 self.report.bytes_kv_final = self._copy_pages(only_dirty=False)
+                self._block()
             else:
+                # The last old-plan step's writes, dispatched and not waited on: the new plan's
+                # step functions take the target pools as inputs, so each stage's computation
+                # starts once its own copies are done, while earlier stages already run (the
+                # patch rounds bounded this copy by half the pause budget).
                 self.report.bytes_kv_final = self._copy_pages(only_dirty=True)
-            self._block()
             pending = self._pending
             for st in pending.stages:
                 st.pools.pools.update(
