@@ -367,8 +367,7 @@ def rehearse(
     engine.shapes_frozen = True
     return {
         "seconds": round(time.perf_counter() - t0, 2),
-        # A restart replaces the cache, so the compiles are those of the run's compiled
-        # functions plus the final fill, not a difference of counters.
+        # The run's compiles (a restarted engine's new cache carries the count on) and the fill.
         "compiles": rec.compiles + filled,
         "fill_compiles": filled,
         "fill_s": round(time.perf_counter() - t_fill, 2),
