@@ -25,7 +25,8 @@ are classed by the controller phase seen by a step hook (the hook runs after bef
   steady     the K_PRE steps before reconfigure() (no reconfiguration in flight);
   overlap    phase PREPARE: the new plan compiles / traces on a background thread, which shares
              the 2 CPU cores (reported separately: compile overlap, not migration);
-  migration  phases STAGE_WEIGHTS, PRECOPY, PATCH: from the end of PREPARE up to the switch;
+  migration  phases STAGE_WEIGHTS, PRECOPY, PATCH, and (live) the final old-plan step, phase
+             SWITCH, which dispatches the final patch: from the end of PREPARE up to the switch;
   switch     the step whose before_step did the switch (its wall includes the pause).
 The "step-time ratio during migration" is median(migration) / median(steady), for wall and for
 compute. `observed_gap_ms` is end of the last old-plan compute -> start of the first new-plan
@@ -76,7 +77,7 @@ PLAN_B = [8, 12, 10]
 MODES = ("live", "stop_and_copy", "restart")
 K_PRE = 4  # steady steps measured before each reconfigure()
 K_POST = 1  # steps after the switch (recorded, not used as steady)
-MIGRATION_PHASES = ("STAGE_WEIGHTS", "PRECOPY", "PATCH")
+MIGRATION_PHASES = ("STAGE_WEIGHTS", "PRECOPY", "PATCH", "SWITCH")
 
 # ---------------------------------------------------------------- XLA compile events
 
@@ -317,9 +318,11 @@ class Setting:
                 ctx_at_switch = (min_context(eng), max_context(eng))
                 running_at_switch = len(eng.scheduler.running)
             s = st.step()
-            if s["phase_before"] == "SWITCH":
+            if s["phase_before"] == "SWITCH" and s["phase"] != "SWITCH":
                 switch_step = s
             else:
+                # (live: the final old-plan step, phase SWITCH, dispatches the final patch
+                # behind its compute; it counts as a migration step)
                 during.append(s)
             if time.perf_counter() > t_deadline:
                 raise RuntimeError(f"reconfiguration stuck in {handle.status()}")
@@ -602,8 +605,8 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         k: sets[k]["modes"]["live"]["summary"]["steps"]["ratio_migration_compute"] for k in sets
     }
     t["migration_steps_at_most_10pct_slower"] = {
-        "criterion": "median wall of live-mode steps in STAGE_WEIGHTS/PRECOPY/PATCH <= 1.10 x "
-        "median steady wall",
+        "criterion": "median wall of live-mode steps in STAGE_WEIGHTS/PRECOPY/PATCH (and the "
+        "final old-plan step) <= 1.10 x median steady wall",
         "ratio_wall": mig,
         "ratio_compute": migc,
         "met": all(v is not None and v <= 1.10 for v in mig.values()),
@@ -783,7 +786,7 @@ def main() -> None:
         "step_classes": {
             "steady": f"{K_PRE} steps before reconfigure()",
             "overlap": "hook phase PREPARE (background compile/trace overlaps)",
-            "migration": "hook phase in STAGE_WEIGHTS/PRECOPY/PATCH",
+            "migration": "hook phase in STAGE_WEIGHTS/PRECOPY/PATCH, or SWITCH before the switch (live: the final old-plan step)",
         },
     }
     path = common.write_results(name, config, results)

@@ -345,6 +345,9 @@ class Engine:
         )
         batches = [self._build_batch(g) for g in groups]
         results = self.executor.run(batches)
+        if self.reconfig is not None:
+            # While the device computes this step: a live switch dispatches its final patch here.
+            self.reconfig.after_dispatch()
         now_outputs: list[RequestOutput] = []
         for group, res in zip(groups, results, strict=True):
             logits, argmax = res.fetch()

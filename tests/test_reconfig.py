@@ -383,6 +383,56 @@ def test_precopy_chunk_follows_the_step_budget(pages, took_ms, budget_ms, expect
     assert next_chunk_pages(pages, took_ms / 1e3, budget_ms / 1e3) == expected
 
 
+def test_live_final_patch_runs_behind_the_last_old_step_not_in_the_pause(eng, ref, monkeypatch):
+    """The final round's copy is dispatched on the last old-plan step, after its stage functions
+    and before its results are fetched; the switch itself dispatches no copy. The byte-for-byte
+    verify at the switch and the reference tokens show the copy still lands before it is read."""
+    from pipelive_jax.reconfig import migrate
+    from pipelive_jax.reconfig.controller import ReconfigController
+
+    ensure_plan(eng, TWO)
+    ids = add(eng, PROMPTS)
+    for _ in range(3):
+        eng.step()
+    where: list[str] = []
+    state = {"in": "elsewhere"}
+
+    def tracked(name: str, fn: Any) -> Any:
+        def inner(self: Any, *a: Any, **kw: Any) -> Any:
+            n = fn(self, *a, **kw)
+            if n:
+                where.append(state["in"])
+            return n
+
+        monkeypatch.setattr(migrate.Route, name, inner)
+
+    tracked("copy", migrate.Route.copy)
+    tracked("copy_slots", migrate.Route.copy_slots)
+
+    def marked(name: str, fn: Any) -> Any:
+        def inner(self: Any, *a: Any, **kw: Any) -> Any:
+            state["in"] = name
+            try:
+                return fn(self, *a, **kw)
+            finally:
+                state["in"] = "elsewhere"
+
+        monkeypatch.setattr(ReconfigController, name, inner)
+
+    marked("_switch", ReconfigController._switch)
+    marked("after_dispatch", ReconfigController.after_dispatch)
+    h = eng.reconfigure(THREE, verify=True)
+    join_compile(eng)
+    drain(eng)
+    r = h.report()
+    assert r.ok, f"{r.aborted_in}: {r.reason}"
+    assert r.bytes_kv_final > 0 and "after_dispatch" in where, where
+    assert "_switch" not in where, where
+    assert r.verified_pages > 0
+    assert outputs(eng, ids) == expected(ref, PROMPTS)
+    assert_clean(eng)
+
+
 def test_precopy_spread_over_steps_is_token_identical(eng, ref, monkeypatch):
     """One page per route per step: the pre-copy takes several steps while the sequences grow
     (new pages appear, written ones change); outputs and every migrated token still match."""
@@ -410,8 +460,8 @@ def test_precopy_spread_over_steps_is_token_identical(eng, ref, monkeypatch):
     r = h.report()
     assert r.ok, f"{r.aborted_in}: {r.reason}"
     assert phases.count("PRECOPY") >= 3, phases
-    # After the last timed round, one more old-plan step; its writes are the switch's copy
-    # (not waited on in the pause), checked byte for byte with the rest by verify.
+    # After the last timed round, one more old-plan step; its writes are the final copy
+    # (dispatched behind that step), checked byte for byte with the rest by verify.
     assert phases.count("SWITCH") == 1 and r.bytes_kv_final > 0, phases
     assert r.verified_pages > 0 and r.bytes_kv_precopy > 0
     assert outputs(eng, ids) == expected(ref, PROMPTS)

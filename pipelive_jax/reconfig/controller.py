@@ -304,13 +304,28 @@ class ReconfigController:
             self._check_abort()
             if self.phase == "SWITCH":
                 if self.mode == "live" and not self._final_step_done:
-                    # One more old-plan step: what it writes is the final round, copied in the
-                    # switch without waiting for it (see _switch): the pause holds its dispatch.
+                    # One more old-plan step: what it writes is the final round, dispatched
+                    # right behind it (after_dispatch), so the pause holds no copy at all.
                     self._final_step_done = True
                 else:
                     self._switch()
             elif self.phase == "RESIZE" and self._resize_started:
                 self._resize_step()
+        except Exception as e:  # noqa: BLE001 - any failure rolls back
+            self._abort(e)
+
+    def after_dispatch(self) -> None:
+        """Called by the engine once a step's stage functions are dispatched, before it waits
+        for them. On the live path's final old-plan step this dispatches the final patch: the
+        slots this step writes (marked dirty when its batch was built) are copied by programs
+        that take the pools the step returns, so each copy runs as soon as its source stage has
+        written them (while later stages still compute), and the host dispatches them while it
+        would otherwise wait for the step's results."""
+        if self.phase != "SWITCH" or self.mode != "live" or not self._final_step_done:
+            return
+        try:
+            self._check_abort()
+            self.report.bytes_kv_final += self._copy_pages(only_dirty=True)
         except Exception as e:  # noqa: BLE001 - any failure rolls back
             self._abort(e)
 
@@ -630,11 +645,12 @@ class ReconfigController:
                 self.report.bytes_kv_final = self._copy_pages(only_dirty=False)
                 self._block()
             else:
-                # The last old-plan step's writes, dispatched and not waited on: the new plan's
-                # step functions take the target pools as inputs, so each stage's computation
-                # starts once its own copies are done, while earlier stages already run (the
-                # patch rounds bounded this copy by half the pause budget).
-                self.report.bytes_kv_final = self._copy_pages(only_dirty=True)
+                # The final old-plan step's writes were dispatched behind it (after_dispatch) and
+                # are not waited on: the new plan's step functions take the target pools as
+                # inputs, so each stage's computation starts once its own copies are done (the
+                # patch rounds bounded this copy by half the pause budget). Anything written
+                # since (nothing, unless that step ran no batch) is copied here.
+                self.report.bytes_kv_final += self._copy_pages(only_dirty=True)
             pending = self._pending
             for st in pending.stages:
                 st.pools.pools.update(
