@@ -383,6 +383,42 @@ def test_precopy_chunk_follows_the_step_budget(pages, took_ms, budget_ms, expect
     assert next_chunk_pages(pages, took_ms / 1e3, budget_ms / 1e3) == expected
 
 
+def test_reconfigure_call_leaves_pool_allocation_and_weight_moves_to_the_background(
+    eng, ref, monkeypatch
+):
+    """reconfigure() runs under the engine lock between two steps: the incoming layers' zeroed
+    pools and the moved weights (hundreds of MB at SmolLM2 scale, copied on the calling thread
+    on CPU) are made on the PREPARE thread, never on the serving thread."""
+    import threading
+
+    from pipelive_jax.kv.pools import StagePools
+    from pipelive_jax.reconfig.controller import ReconfigController
+
+    ensure_plan(eng, TWO)
+    ids = add(eng, PROMPTS)
+    for _ in range(3):
+        eng.step()
+    threads: dict[str, set[str]] = {"add_layer": set(), "_move_weights": set()}
+    for cls, name in ((StagePools, "add_layer"), (ReconfigController, "_move_weights")):
+
+        def inner(self: Any, *a: Any, _fn: Any = getattr(cls, name), _n: str = name) -> Any:
+            threads[_n].add(threading.current_thread().name)
+            return _fn(self, *a)
+
+        monkeypatch.setattr(cls, name, inner)
+    main = threading.current_thread().name
+    h = eng.reconfigure(THREE, verify=True)
+    join_compile(eng)
+    drain(eng)
+    r = h.report()
+    assert r.ok, f"{r.aborted_in}: {r.reason}"
+    assert threads["add_layer"] and threads["_move_weights"], threads
+    assert main not in threads["add_layer"] | threads["_move_weights"], threads
+    assert r.bytes_weights > 0 and r.verified_pages > 0
+    assert outputs(eng, ids) == expected(ref, PROMPTS)
+    assert_clean(eng)
+
+
 def test_live_final_patch_runs_behind_the_last_old_step_not_in_the_pause(eng, ref, monkeypatch):
     """The final round's copy is dispatched on the last old-plan step, after its stage functions
     and before its results are fetched; the switch itself dispatches no copy. The byte-for-byte

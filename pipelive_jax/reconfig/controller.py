@@ -393,8 +393,15 @@ class ReconfigController:
         self._compile_thread = start_compile_thread(compile_shrunk)
 
     def _build_pending(self) -> None:
-        """Builds the pending stages and routes, dispatches the weight moves, and starts
-        compiling the new plan in the background."""
+        """Builds the pending stages and page tables (host bookkeeping, at this boundary), then
+        starts a background thread that dispatches the weight moves, allocates the incoming
+        layers' pools, builds the copy routes and compiles the new plan.
+
+        Allocating hundreds of MB of zeroed pools and copying the moved weights between host
+        devices run on the calling thread on CPU (0.1-0.6 s at 32 sequences), so done here they
+        stalled serving under the engine lock; nothing reads the pools, routes or moved weights
+        before PREPARE ends, which waits for the thread.
+        """
         eng = self.engine
         old_by_dev = {st.spec.devices[0]: st for st in self._old_stages}
         any_table = self._old_stages[0].pages
@@ -402,6 +409,8 @@ class ReconfigController:
         new_tables: list[PageTable] = []
         routes: list[Route] = []
         weight_moves: list[tuple[Any, Any, Any]] = []  # (container, slot, device)
+        incoming_pools: list[tuple[StagePools, int]] = []  # (pools, layer) to allocate
+        route_specs: list[tuple[StageRuntime, StageRuntime, tuple[int, ...]]] = []
         from pipelive_jax.serving.pipeline import StageRuntime
 
         for j, spec in enumerate(self.target.stages):
@@ -424,7 +433,7 @@ class ReconfigController:
                     pools.pools[layer] = (k, v)  # shared with the old stage until the switch
                     layer_states.append(old.params.layers[layer - old.spec.start])
                 else:
-                    pools.add_layer(layer)
+                    incoming_pools.append((pools, layer))
                     state = src_stage.params.layers[layer - src_stage.spec.start]
                     layer_states.append(state)
                     weight_moves.append((layer_states, len(layer_states) - 1, dev))
@@ -450,30 +459,35 @@ class ReconfigController:
             )
             stages.append(st)
             for src_idx, layers in incoming.items():
-                src = self._old_stages[src_idx]
-                lays = tuple(layers)
-                routes.append(
-                    Route(
-                        layers=lays,
-                        src_device=src.device,
-                        dst_device=dev,
-                        src_table=src.pages,
-                        dst_table=table,
-                        get_src_pools=(lambda s=src, ls=lays: s.pools.as_list(ls)),
-                        dst_pools=pools.as_list(lays),
-                        page_bytes=eng.kv_spec.page_bytes(),
-                    )
-                )
+                route_specs.append((self._old_stages[src_idx], st, tuple(layers)))
         # New tables must follow the running sequences from now on (reserve / free).
         eng.scheduler.set_page_tables([*eng.executor.page_tables, *new_tables])
-        self._pending = _Pending(stages, new_tables, routes, weight_moves, [])
-        if self.mode == "live":
-            self._move_weights()  # async: serving goes on while they travel
+        pending = self._pending = _Pending(stages, new_tables, routes, weight_moves, [])
         shapes = sorted(eng.executor_shapes(), key=lambda s: (s.num_tokens, s.max_seqs))
         max_pages = max(st.pages.num_pages for st in stages)
+        move_weights = self.mode == "live"  # stop_and_copy moves them in its pause
 
-        def compile_all() -> None:
+        def build_and_compile() -> None:
             try:
+                if move_weights:
+                    self._move_weights(pending)  # async copies; STAGE_WEIGHTS waits for them
+                for pools, layer in incoming_pools:
+                    if self._pending is not pending:
+                        return  # rolled back meanwhile: allocate nothing more
+                    pools.add_layer(layer)
+                for src, dst, lays in route_specs:
+                    routes.append(
+                        Route(
+                            layers=lays,
+                            src_device=src.device,
+                            dst_device=dst.device,
+                            src_table=src.pages,
+                            dst_table=dst.pages,
+                            get_src_pools=(lambda s=src, ls=lays: s.pools.as_list(ls)),
+                            dst_pools=dst.pools.as_list(lays),
+                            page_bytes=eng.kv_spec.page_bytes(),
+                        )
+                    )
                 for st in stages:
                     for shape in shapes:
                         eng.cache.get(st, shape)
@@ -482,21 +496,20 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = start_compile_thread(compile_all)
+        self._compile_thread = start_compile_thread(build_and_compile)
 
-    def _move_weights(self) -> None:
+    def _move_weights(self, pending: _Pending) -> None:
         """Dispatches the device_put of every moved layer's weights (and embed/head)."""
-        assert self._pending is not None
-        for container, slot, dev in self._pending.weight_moves:
+        for container, slot, dev in pending.weight_moves:
             if isinstance(slot, str):
                 moved = jax.device_put(getattr(container, slot), dev)
                 setattr(container, slot, moved)
             else:
                 moved = jax.device_put(container[slot], dev)
                 container[slot] = moved
-            self._pending.weight_arrays.append(moved)
+            pending.weight_arrays.append(moved)
             self.report.bytes_weights += int(sum(a.nbytes for a in jax.tree.leaves(moved)))
-        self._pending.weight_moves = []
+        pending.weight_moves = []
 
     def _shrink(self, st: StageRuntime, cap: int) -> None:
         """Compacts live pages below `cap` and re-allocates the stage's pools one layer at a time."""
@@ -640,7 +653,7 @@ class ReconfigController:
         else:
             assert self._pending is not None
             if self.mode == "stop_and_copy":
-                self._move_weights()
+                self._move_weights(self._pending)
                 jax.block_until_ready(self._pending.weight_arrays)
                 self.report.bytes_kv_final = self._copy_pages(only_dirty=False)
                 self._block()
@@ -853,8 +866,11 @@ class ReconfigController:
             old_arrays = {
                 id(a) for st in self._old_stages for pair in st.pools.pools.values() for a in pair
             }
-            pairs = [p for st in pending.stages for p in st.pools.pools.values()]
-            pairs += [p for r in pending.routes for p in r.dst_pools]
+            # The background thread may still be adding pools and routes: take snapshots (a
+            # list() of a dict's values is one step under the GIL); what it adds after this is
+            # dropped with `pending` when it ends.
+            pairs = [p for st in pending.stages for p in list(st.pools.pools.values())]
+            pairs += [p for r in list(pending.routes) for p in r.dst_pools]
             for pair in pairs:
                 for a in pair:
                     if id(a) not in old_arrays and not a.is_deleted():
