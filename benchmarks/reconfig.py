@@ -23,8 +23,10 @@ step around it, each with its wall time (engine.step(), which includes the recon
 done at that step boundary) and its compute time (step hook -> end of the stage compute). Steps
 are classed by the controller phase seen by a step hook (the hook runs after before_step):
   steady     the K_PRE steps before reconfigure() (no reconfiguration in flight);
-  overlap    phase PREPARE: the new plan compiles / traces on a background thread, which shares
-             the 2 CPU cores (reported separately: compile overlap, not migration);
+  overlap    phase PREPARE: on a background thread, the moved weights are copied to their new
+             devices and the incoming layers' pools allocated (paced, see the controller's
+             STAGING_IDLE_RATIO) and the new plan is compiled (here: found in the cache), sharing
+             the 2 CPU cores (reported separately from migration, with its own ratio);
   migration  phases STAGE_WEIGHTS, PRECOPY, PATCH, and (live) the final old-plan step, phase
              SWITCH, which dispatches the final patch: from the end of PREPARE up to the switch;
   switch     the step whose before_step did the switch (its wall includes the pause).
@@ -509,7 +511,9 @@ def run_setting(
     warm_s = time.perf_counter() - t0
     common.log(f"  warm-up: {warm_s:.1f} s {warm}")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-    need = {"live": 30, "stop_and_copy": 14, "restart": K_PRE + K_POST + 2}
+    # Steps of decode room a repeat needs: a live one spends ~45-60 steps in PREPARE at 8 x 256
+    # (the paced weight and pool staging), so there every live repeat starts on fresh prompts.
+    need = {"live": 90, "stop_and_copy": 14, "restart": K_PRE + K_POST + 2}
     reps = {"live": args.repeats, "stop_and_copy": args.repeats, "restart": args.restart_repeats}
     for mode in MODES:
         for i in range(reps[mode]):
@@ -710,7 +714,7 @@ def main() -> None:
     ap.add_argument("--settings", default=None, help="e.g. 8x256,32x1024")
     ap.add_argument("--repeats", type=int, default=None, help="live / stop_and_copy repeats")
     ap.add_argument("--restart-repeats", type=int, default=None)
-    ap.add_argument("--room-256", type=int, default=64, help="decode room at ctx 256")
+    ap.add_argument("--room-256", type=int, default=112, help="decode room at ctx 256")
     ap.add_argument("--room-1024", type=int, default=192, help="decode room at ctx 1024")
     ap.add_argument("--max-model-len", type=int, default=1024 + 64)
     ap.add_argument("--quiet-wait", type=float, default=20.0, help="per setting")

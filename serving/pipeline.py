@@ -127,7 +127,8 @@ class StageRuntime:
         return tuple(range(self.spec.start, self.spec.end))
 
 
-def _shape_order(s: BatchShape) -> tuple[int, int, int, int]:
+def shape_order(s: BatchShape) -> tuple[int, int, int, int]:
+    """The order shapes are compiled in (smallest first), wherever a set of them is compiled."""
     return (s.num_tokens, s.max_seqs, s.max_q_len, s.pages_per_seq)
 
 
@@ -255,7 +256,7 @@ class CompileCache:
         Which shapes a reconfiguration compiles for its new stages depends on the shapes served
         just before it, so on timing; a benchmark's rehearsal ends with this so that its
         measured run meets no compile, whatever the timing (`pipelive bench`)."""
-        wanted = sorted(self.shapes() if shapes is None else set(shapes), key=_shape_order)
+        wanted = sorted(self.shapes() if shapes is None else set(shapes), key=shape_order)
         before = self.compiles
         for sig in list(self._stages.values()):
             for shape in wanted:

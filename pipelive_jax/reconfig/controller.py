@@ -20,10 +20,11 @@ matter of dropping the pending objects.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from pipelive_jax.memory import DeviceBudget, check_admission
 from pipelive_jax.models.llama import StageParams
 from pipelive_jax.plan import parse_plan, plan_diff
 from pipelive_jax.reconfig.migrate import SLOT_COPY_MAX, Route, page_moves, slot_moves
-from pipelive_jax.serving.pipeline import start_compile_thread
+from pipelive_jax.serving.pipeline import shape_order, start_compile_thread
 
 if TYPE_CHECKING:
     from pipelive_jax.serving.engine import Engine
@@ -146,6 +147,20 @@ PRECOPY_CHUNK_PAGES = 16
 PRECOPY_MIN_CHUNK_PAGES = 8
 PRECOPY_MAX_CHUNK_PAGES = 64
 PRECOPY_STEP_FRACTION = 0.05
+
+
+# The PREPARE thread's memory-bound work (zeroed pools for incoming layers, weight copies between
+# host devices) competes with the serving steps for the same cores and memory bandwidth: done
+# flat out it made those steps ~2x slower. Each piece is waited for and followed by an idle
+# spell STAGING_IDLE_RATIO times as long, so it takes at most 1/(1 + ratio) of the time.
+STAGING_IDLE_RATIO = 3.0
+
+
+@contextlib.contextmanager
+def _paced() -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    time.sleep((time.perf_counter() - t0) * STAGING_IDLE_RATIO)
 
 
 def next_chunk_pages(pages: int, took_s: float, budget_s: float) -> int:
@@ -463,18 +478,20 @@ class ReconfigController:
         # New tables must follow the running sequences from now on (reserve / free).
         eng.scheduler.set_page_tables([*eng.executor.page_tables, *new_tables])
         pending = self._pending = _Pending(stages, new_tables, routes, weight_moves, [])
-        shapes = sorted(eng.executor_shapes(), key=lambda s: (s.num_tokens, s.max_seqs))
+        shapes = sorted(eng.executor_shapes(), key=shape_order)
         max_pages = max(st.pages.num_pages for st in stages)
         move_weights = self.mode == "live"  # stop_and_copy moves them in its pause
 
         def build_and_compile() -> None:
             try:
                 if move_weights:
-                    self._move_weights(pending)  # async copies; STAGE_WEIGHTS waits for them
+                    self._move_weights(pending, paced=True)
                 for pools, layer in incoming_pools:
                     if self._pending is not pending:
                         return  # rolled back meanwhile: allocate nothing more
-                    pools.add_layer(layer)
+                    with _paced():
+                        pools.add_layer(layer)
+                        jax.block_until_ready(pools.pools[layer])
                 for src, dst, lays in route_specs:
                     routes.append(
                         Route(
@@ -498,15 +515,22 @@ class ReconfigController:
 
         self._compile_thread = start_compile_thread(build_and_compile)
 
-    def _move_weights(self, pending: _Pending) -> None:
-        """Dispatches the device_put of every moved layer's weights (and embed/head)."""
+    def _move_weights(self, pending: _Pending, paced: bool = False) -> None:
+        """Dispatches the device_put of every moved layer's weights (and embed/head); `paced`
+        (on the PREPARE thread): one at a time, each waited for and followed by an idle spell
+        (see `_paced`)."""
         for container, slot, dev in pending.weight_moves:
-            if isinstance(slot, str):
-                moved = jax.device_put(getattr(container, slot), dev)
-                setattr(container, slot, moved)
-            else:
-                moved = jax.device_put(container[slot], dev)
-                container[slot] = moved
+            if paced and self._pending is not pending:
+                return  # rolled back meanwhile: move nothing more
+            with _paced() if paced else contextlib.nullcontext():
+                if isinstance(slot, str):
+                    moved = jax.device_put(getattr(container, slot), dev)
+                    setattr(container, slot, moved)
+                else:
+                    moved = jax.device_put(container[slot], dev)
+                    container[slot] = moved
+                if paced:
+                    jax.block_until_ready(moved)
             pending.weight_arrays.append(moved)
             self.report.bytes_weights += int(sum(a.nbytes for a in jax.tree.leaves(moved)))
         pending.weight_moves = []
@@ -759,7 +783,7 @@ class ReconfigController:
 
         eng.executor = PipelineExecutor(eng.defs, eng._build_stages(self.target), eng.cache)
         sched.set_page_tables(eng.executor.page_tables)
-        for shape in sorted(shapes, key=lambda s: (s.num_tokens, s.max_seqs, s.max_q_len)):
+        for shape in sorted(shapes, key=shape_order):
             eng.executor.compile_for(shape)
 
     # ------------------------------------------------------------------ RESIZE
