@@ -399,13 +399,16 @@ def test_reconfigure_call_leaves_pool_allocation_and_weight_moves_to_the_backgro
     for _ in range(3):
         eng.step()
     threads: dict[str, set[str]] = {"add_layer": set(), "_move_weights": set()}
+
+    def recording(name: str, fn: Any) -> Any:
+        def inner(self: Any, *a: Any, **kw: Any) -> Any:
+            threads[name].add(threading.current_thread().name)
+            return fn(self, *a, **kw)
+
+        return inner
+
     for cls, name in ((StagePools, "add_layer"), (ReconfigController, "_move_weights")):
-
-        def inner(self: Any, *a: Any, _fn: Any = getattr(cls, name), _n: str = name) -> Any:
-            threads[_n].add(threading.current_thread().name)
-            return _fn(self, *a)
-
-        monkeypatch.setattr(cls, name, inner)
+        monkeypatch.setattr(cls, name, recording(name, getattr(cls, name)))
     main = threading.current_thread().name
     h = eng.reconfigure(THREE, verify=True)
     join_compile(eng)
