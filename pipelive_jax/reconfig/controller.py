@@ -227,6 +227,7 @@ class ReconfigController:
         self._final_step_done = False  # live: the old-plan step after the last timed round ran
         self._precopied: dict[int, np.ndarray] | None = None  # route -> source pages copied
         self._chunk_pages = PRECOPY_CHUNK_PAGES
+        self._precopy_next = 0  # the route the next pre-copy chunk is for (round robin)
         self._step_t0: float | None = None  # when the current engine step began
         self._last_step_s = 0.0  # how long the last engine step took (the pre-copy budget)
         self._old_stages = list(engine.executor.stages)
@@ -606,9 +607,9 @@ class ReconfigController:
             r.block()
 
     def _precopy(self) -> None:
-        """Copies live pages of every route at this step boundary, a chunk at a time, waiting
-        for each, until PRECOPY_STEP_FRACTION of the last step's time is spent: the bulk copy
-        is spread over steps with a bounded cost per step.
+        """Copies live pages of the routes at this step boundary, one route's chunk at a time,
+        waiting for each, until PRECOPY_STEP_FRACTION of the last step's time is spent: the bulk
+        copy is spread over steps with a bounded cost per step.
 
         The dirty record starts when the pre-copy does, so whatever the steps write meanwhile
         (into pages copied already or not) goes with the patch rounds. Pages are remembered by
@@ -627,21 +628,29 @@ class ReconfigController:
             s, d = page_moves(r.src_table, r.dst_table)
             keep = ~np.isin(s, self._precopied[id(r)])
             todo[id(r)] = (s[keep], d[keep])
+        # One route's chunk at a time, the budget checked after each, starting where the last
+        # boundary stopped: with several routes a boundary may copy for one of them only, so a
+        # small step's budget is not overrun by one chunk per route (at 8 x 256 on SmolLM2 the
+        # pre-copy steps were 15-20% slower for a 5% budget). When every route's remainder
+        # fits one chunk, the pre-copy ends at this boundary (no extra step for a tail).
+        routes = self._pending.routes
+        tail = all(len(s) <= self._chunk_pages for s, _ in todo.values())
         while any(len(s) for s, _ in todo.values()):
+            r = routes[self._precopy_next % len(routes)]
+            self._precopy_next += 1
+            s, d = todo[id(r)]
+            if not len(s):
+                continue
             t_chunk = time.perf_counter()
-            n = self._chunk_pages
-            for r in self._pending.routes:
-                s, d = todo[id(r)]
-                if not len(s):
-                    continue
-                cs, cd = s[:n], d[:n]
-                self.report.bytes_kv_precopy += r.copy(cs, cd)
-                self._precopied[id(r)] = np.concatenate([self._precopied[id(r)], cs])
-                todo[id(r)] = (s[n:], d[n:])
-            self._block()
+            n = max(self._chunk_pages, len(s)) if tail else self._chunk_pages
+            cs, cd = s[:n], d[:n]
+            self.report.bytes_kv_precopy += r.copy(cs, cd)
+            self._precopied[id(r)] = np.concatenate([self._precopied[id(r)], cs])
+            todo[id(r)] = (s[n:], d[n:])
+            r.block()
             now = time.perf_counter()
             self._chunk_pages = next_chunk_pages(n, now - t_chunk, budget_s)
-            if now - t0 >= budget_s:
+            if now - t0 >= budget_s and not tail:
                 break
         if not any(len(s) for s, _ in todo.values()):
             self._enter("PATCH")
