@@ -789,7 +789,7 @@ def main() -> None:
         "quick": args.quick,
         "step_classes": {
             "steady": f"{K_PRE} steps before reconfigure()",
-            "overlap": "hook phase PREPARE (background compile/trace overlaps)",
+            "overlap": "hook phase PREPARE (paced weight/pool staging and compile in the background)",
             "migration": "hook phase in STAGE_WEIGHTS/PRECOPY/PATCH, or SWITCH before the switch (live: the final old-plan step)",
         },
     }

@@ -7,8 +7,9 @@
 steps, so it sees a consistent state, and serving goes on between phases. The new plan's stage
 functions are compiled ahead of time on a background thread (PREPARE), so the switch itself is
 a final patch of the slots written by the last old step and a swap of references. In live mode
-that patch is dispatched and not waited on: the new plan's stage functions take the patched
-pools as inputs, so XLA orders them, and the pause holds the dispatch, not the copy.
+that patch is dispatched right behind the last old step's stage functions (`after_dispatch`) and
+not waited on: the new plan's stage functions take the patched pools as inputs, so XLA orders
+them, and the pause holds neither the copy nor its dispatch.
 
 New stages are built beside the old ones ("pending"): a stage on a device that already serves
 reuses that device's page table (same page ids, so migrated pages land at the target's id for
@@ -659,7 +660,7 @@ class ReconfigController:
     def _patch_round(self) -> None:
         """Copies what the last step wrote and times it. A step writes about as much as the one
         before, so a round that took at most half the pause budget predicts the final round:
-        switch after one more step, whose writes the switch copies."""
+        switch after one more step, whose writes are copied right behind it (after_dispatch)."""
         t0 = time.perf_counter()
         nbytes = self._copy_pages(only_dirty=True)
         self._block()
