@@ -137,8 +137,8 @@ class _Pending:
 
 
 # Pre-copy at each step boundary: chunks of PRECOPY_CHUNK_PAGES pages per route, each finished
-# before the next, until PRECOPY_STEP_FRACTION of the last step's duration is spent (at least one
-# chunk per boundary). Copies left running under the next step cost that step several times
+# before the next, while PRECOPY_STEP_FRACTION of the last step's duration is not spent (at least
+# one chunk per boundary). Copies left running under the next step cost that step several times
 # their own time on these two shared cores (the step's threads wait on a core busy copying), and
 # a fixed 64-page chunk made steps 20-60% slower; a time budget bounds the slowdown instead.
 # The chunk then adapts: halved (down to PRECOPY_MIN_CHUNK_PAGES, the smallest compiled copy)
@@ -147,7 +147,7 @@ class _Pending:
 PRECOPY_CHUNK_PAGES = 16
 PRECOPY_MIN_CHUNK_PAGES = 8
 PRECOPY_MAX_CHUNK_PAGES = 64
-PRECOPY_STEP_FRACTION = 0.05
+PRECOPY_STEP_FRACTION = 0.04
 
 
 # The PREPARE thread's memory-bound work (zeroed pools for incoming layers, weight copies between
@@ -629,20 +629,26 @@ class ReconfigController:
             s, d = page_moves(r.src_table, r.dst_table)
             keep = ~np.isin(s, self._precopied[id(r)])
             todo[id(r)] = (s[keep], d[keep])
-        # One route's chunk at a time, the budget checked after each, starting where the last
-        # boundary stopped: with several routes a boundary may copy for one of them only, so a
-        # small step's budget is not overrun by one chunk per route (at 8 x 256 on SmolLM2 the
-        # pre-copy steps were 15-20% slower for a 5% budget). When every route's remainder
-        # fits one chunk, the pre-copy ends at this boundary (no extra step for a tail).
+        # One route's chunk at a time, starting where the last boundary stopped: with several
+        # routes a boundary may copy for one of them only, so a small step's budget is not
+        # overrun by one chunk per route (at 8 x 256 on SmolLM2 the pre-copy steps were 15-20%
+        # slower for a 5% budget). A chunk starts only if one as long as the last still fits
+        # the budget (checking after each chunk only, the boundaries overran it by 20-40%).
+        # When every route's remainder fits one chunk, the pre-copy ends at this boundary (no
+        # extra step for a tail).
         routes = self._pending.routes
         tail = all(len(s) <= self._chunk_pages for s, _ in todo.values())
+        last_chunk_s = 0.0
         while any(len(s) for s, _ in todo.values()):
             r = routes[self._precopy_next % len(routes)]
-            self._precopy_next += 1
             s, d = todo[id(r)]
             if not len(s):
+                self._precopy_next += 1
                 continue
             t_chunk = time.perf_counter()
+            if last_chunk_s and not tail and t_chunk - t0 + last_chunk_s > budget_s:
+                break  # the next chunk, as long as the last one, would overrun the budget
+            self._precopy_next += 1
             n = max(self._chunk_pages, len(s)) if tail else self._chunk_pages
             cs, cd = s[:n], d[:n]
             self.report.bytes_kv_precopy += r.copy(cs, cd)
@@ -650,7 +656,8 @@ class ReconfigController:
             todo[id(r)] = (s[n:], d[n:])
             r.block()
             now = time.perf_counter()
-            self._chunk_pages = next_chunk_pages(n, now - t_chunk, budget_s)
+            last_chunk_s = now - t_chunk
+            self._chunk_pages = next_chunk_pages(n, last_chunk_s, budget_s)
             if now - t0 >= budget_s and not tail:
                 break
         if not any(len(s) for s, _ in todo.values()):
