@@ -4,7 +4,8 @@ One engine per setting (n_req in-flight requests, context ~ctx tokens) is re-par
 forth between PLAN_A = [15, 15] (devices 0, 1) and PLAN_B = [8, 12, 10] (devices 0, 1, 2) while
 its requests decode (greedy, EOS ignored). 8 host CPU devices are forced (XLA_FLAGS below).
 
-Per setting:
+Per setting (each in its own process, which loads the model; `--same-process` runs them all
+in this one):
   1. prompts: n_req random-token prompts of P = ctx - room tokens, so that while decoding the
      context stays in [ctx - room, ctx] and every step has the same batch shape (the block-table
      bucket is ctx/16 pages). max_num_batched_tokens = n_req * ctx, so a whole prefill (and the
@@ -728,6 +729,50 @@ def plot(results: dict[str, Any], path: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+def setting_here(n_req: int, ctx: int, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
+    """(model load seconds, run_setting's record), in this process."""
+    from pipelive_jax.models.registry import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model("smollm2-135m")
+    load_s = round(time.perf_counter() - t0, 2)
+    return load_s, run_setting(loaded, n_req, ctx, args)
+
+
+def setting_in_child(
+    n_req: int, ctx: int, args: argparse.Namespace
+) -> tuple[float, dict[str, Any]]:
+    """One setting in a fresh process, as a server is started for its configuration: a run
+    in one long process measured the later settings' pauses ~0.2 ms longer than the same
+    settings alone (the process carried the earlier settings' heap and caches), which read as a
+    dependence on context that a setting run alone does not show."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        part = os.path.join(tmp, "part.json")
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--settings={n_req}x{ctx}",
+            f"--repeats={args.repeats}",
+            f"--restart-repeats={args.restart_repeats}",
+            f"--room-256={args.room_256}",
+            f"--room-1024={args.room_1024}",
+            f"--max-model-len={args.max_model_len}",
+            f"--quiet-wait={args.quiet_wait}",
+            f"--repeat-quiet-wait={args.repeat_quiet_wait}",
+            f"--restart-recompute-max-tokens={args.restart_recompute_max_tokens}",
+            f"--part-out={part}",
+        ]
+        subprocess.run(cmd, check=True)
+        with open(part) as f:
+            got = json.load(f)
+    key = f"n{n_req}_ctx{ctx}"
+    return got["load_s"][key], got["settings"][key]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="8 requests, 256 ctx, 2 repeats")
@@ -746,6 +791,12 @@ def main() -> None:
         help="above n_req*ctx tokens a restart's KV recompute is skipped (estimated instead)",
     )
     ap.add_argument("--name", default=None)
+    ap.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every setting in this process (default: each setting in its own process)",
+    )
+    ap.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = ap.parse_args()
     if args.plot_only:
@@ -768,18 +819,22 @@ def main() -> None:
         args.restart_repeats = 1
     name = args.name or ("reconfig_quick" if args.quick else "reconfig")
 
-    from pipelive_jax.models.registry import load_model
-
     t_all = time.perf_counter()
     common.log(f"jax devices: {len(jax.devices())} x {jax.devices()[0].platform}")
-    t0 = time.perf_counter()
-    loaded = load_model("smollm2-135m")
-    load_s = time.perf_counter() - t0
-    results: dict[str, Any] = {"load_s": round(load_s, 2), "settings": {}}
+    results: dict[str, Any] = {"load_s": {}, "settings": {}}
     for n_req, ctx in settings:
         key = f"n{n_req}_ctx{ctx}"
-        results["settings"][key] = run_setting(loaded, n_req, ctx, args)
+        if args.same_process or len(settings) == 1:
+            results["load_s"][key], results["settings"][key] = setting_here(n_req, ctx, args)
+        else:
+            results["load_s"][key], results["settings"][key] = setting_in_child(n_req, ctx, args)
         common.log(f"{key} done in {results['settings'][key]['wall_s']} s")
+    if args.part_out:
+        import json
+
+        with open(args.part_out, "w") as f:
+            json.dump(results, f)
+        return
     results["targets"] = targets(results)
     results["total_s"] = round(time.perf_counter() - t_all, 1)
     results["device_note"] = (
