@@ -9,6 +9,7 @@ public method is safe to call from other threads (one lock guards the loop).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
@@ -58,13 +59,16 @@ class EngineConfig:
 
     num_pages: KV capacity per stage (pages, page 0 included): an int for every stage or a
       list per stage. When None, it comes from `device_memory_bytes` by the admission rule
-      (DESIGN.md §4), or defaults to 512.
+      (DESIGN.md §4), capped at the pages `max_num_seqs` sequences of `max_model_len` tokens
+      can hold (`useful_pages`), or defaults to 512.
     device_memory_bytes: budget per device: an int for all, or {device id: bytes}.
     kv_resize: False pools stages once for the most layers they may hold (the no-resize baseline).
     background_compile: a batch whose shape is not compiled yet runs on a bigger compiled shape
       (padding) while its own compiles on a background thread, instead of waiting for the
       compile (seconds on CPU). Off by default: which shape a step runs on then depends on
       timing, and float results may differ in the last bits between shapes.
+    finished_retention: finished requests kept for `get_output` (the most recent ones); older
+      ones are dropped, so a server's memory does not grow with every request it ever served.
     """
 
     page_size: int = 16
@@ -79,6 +83,7 @@ class EngineConfig:
     kv_resize: bool = True
     page_granule: int = 16
     background_compile: bool = False
+    finished_retention: int = 10_000
 
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
@@ -87,10 +92,24 @@ class EngineConfig:
             raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
         if self.num_microbatches < 1:
             raise ConfigError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
+        if not isinstance(self.finished_retention, int) or self.finished_retention < 0:
+            raise ConfigError(
+                f"finished_retention must be an integer >= 0, got {self.finished_retention!r}"
+            )
         if not 0 < self.memory_utilization <= 1:
             raise ConfigError(
                 f"memory_utilization must be in (0, 1], got {self.memory_utilization}"
             )
+
+    @property
+    def useful_pages(self) -> int:
+        """The most pages a stage can ever have in use (page 0 included, rounded up to the
+        granule): max_num_seqs running sequences of at most max_model_len tokens each. A
+        budget-derived capacity stops there: pages past it are never used (no request is
+        longer, and no more run at once), and growing pools into them after a reconfiguration
+        copied every layer's KV at one step boundary for nothing (seconds, in scale-out)."""
+        per_seq = -(-self.max_model_len // self.page_size)
+        return round_capacity(1 + self.max_num_seqs * per_seq, self.page_granule, mode="up")
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -160,6 +179,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.executor.page_tables)
         self._check_capacity()
         self.requests: dict[str, Request] = {}
+        self._finished: collections.deque[Request] = collections.deque()
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._subscribers: dict[str, list[Callable[[RequestOutput], None]]] = {}
@@ -207,7 +227,7 @@ class Engine:
         pages = max_pages(
             budget, self.shape, layers, c.page_size, stage_extra_bytes(self.shape, plan, index)
         )
-        return round_capacity(pages, c.page_granule)
+        return min(round_capacity(pages, c.page_granule), c.useful_pages)
 
     def _build_stages(
         self, plan: PipelinePlan, num_pages: list[int] | None = None
@@ -312,7 +332,15 @@ class Engine:
             return True
 
     def get_output(self, request_id: str) -> RequestOutput:
-        return self.requests[request_id].to_output()
+        """The request's output so far; RequestError if the id is unknown or long finished."""
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None:
+                raise RequestError(
+                    f"unknown request id {request_id!r} (finished requests are kept for the "
+                    f"last {self.config.finished_retention})"
+                )
+            return req.to_output()
 
     # ------------------------------------------------------------------ the step
 
@@ -516,6 +544,16 @@ class Engine:
                 subs.remove(cb)
         if req.finished:
             self._subscribers.pop(req.request_id, None)
+            self._retire(req)
+
+    def _retire(self, req: Request) -> None:
+        """Keeps the last `finished_retention` finished requests; forgets older ones (an id
+        reused since belongs to its new request, which stays)."""
+        self._finished.append(req)
+        while len(self._finished) > self.config.finished_retention:
+            old = self._finished.popleft()
+            if self.requests.get(old.request_id) is old:
+                del self.requests[old.request_id]
 
     def subscribe(self, request_id: str, callback: Callable[[RequestOutput], None]) -> None:
         with self._lock:

@@ -57,7 +57,18 @@ class LLM:
                 raise RequestError(f"params must be SamplingParams, got {type(sp).__name__}")
             sp.validate()
             self.engine.encode_prompt(p)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
-        while any(not self.engine.requests[i].finished for i in ids):
+        # Final outputs are caught as they are published: the engine keeps only the most
+        # recent finished requests (finished_retention), fewer than a big batch may have.
+        done: dict[str, RequestOutput] = {}
+
+        def keep(out: RequestOutput) -> None:
+            if out.finished:
+                done[out.request_id] = out
+
+        ids = [
+            self.engine.add_request(p, sp, on_output=keep)
+            for p, sp in zip(prompts, plist, strict=True)
+        ]
+        while len(done) < len(ids):
             self.engine.step()
-        return [self.engine.get_output(i) for i in ids]
+        return [done[i] for i in ids]

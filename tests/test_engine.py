@@ -377,6 +377,25 @@ def test_abort_waiting_and_running_frees_exactly_their_pages(tiny_llm, tiny_ref)
     _assert_idle(engine)
 
 
+def test_only_the_last_finished_requests_are_kept_and_generate_still_returns_all(
+    tiny_llm, tiny_ref, monkeypatch
+):
+    engine = tiny_llm.engine
+    monkeypatch.setattr(engine.config, "finished_retention", 2)
+    outs = tiny_llm.generate(TINY_PROMPTS[:5], GREEDY)
+    # Every output, in input order, though the engine now holds two finished requests only.
+    assert _tokens(outs) == [tiny_ref[i] for i in range(5)]
+    assert all(o.finished for o in outs)
+    kept = [o for o in outs if o.request_id in engine.requests]
+    assert len(kept) == 2 and len(engine.requests) == 2
+    for o in kept:
+        assert engine.get_output(o.request_id).token_ids == o.token_ids
+    gone = next(o for o in outs if o.request_id not in engine.requests)
+    with pytest.raises(RequestError, match="unknown request id .*kept for the last 2"):
+        engine.get_output(gone.request_id)
+    _assert_idle(engine)
+
+
 # ------------------------------------------------------------------ sampling
 
 
@@ -725,6 +744,7 @@ def test_a_refused_batch_leaves_nothing_queued(tiny_llm):
         (None, dict(page_size=12), ConfigError, "page_size must be a power of two, got 12"),
         (None, dict(num_microbatches=0), ConfigError, "num_microbatches must be >= 1"),
         (None, dict(memory_utilization=1.5), ConfigError, "memory_utilization"),
+        (None, dict(finished_retention=-1), ConfigError, "finished_retention must be"),
         (None, dict(backend="cuda"), ConfigError, "backend must be one of"),
         (
             [3, 3],
@@ -770,6 +790,7 @@ def test_a_refused_batch_leaves_nothing_queued(tiny_llm):
         "page-size",
         "microbatches",
         "utilization",
+        "finished-retention",
         "backend",
         "num-pages-list",
         "max-model-len-too-large",

@@ -877,7 +877,9 @@ def budget_engine(tiny):
     base = _baseline()
     shape = model_shape(split_model(tiny.model)[0])
     budget = _budget_for(shape, layers=3, pages=64)
-    eng = LLM(tiny, plan=MEM_A, device_memory_bytes=budget, max_model_len=64, max_num_seqs=4).engine
+    eng = LLM(
+        tiny, plan=MEM_A, device_memory_bytes=budget, max_model_len=64, max_num_seqs=32
+    ).engine
     ns = SimpleNamespace(
         eng=eng, budget=budget, usable=eng.config.budget(6).usable_bytes, base=base
     )
@@ -1089,6 +1091,48 @@ class TestNoResize:
         usable = eng.config.budget(6).usable_bytes
         for d in MEM_DEVICES:
             assert rec.max(d) <= usable
+
+
+@pytest.fixture(scope="class")
+def roomy_engine(tiny):
+    """TWO on devices 6, 7 with a budget far above what 4 sequences of 64 tokens can use."""
+    _collect()
+    eng = LLM(
+        tiny, plan=MEM_A, device_memory_bytes=1 << 30, max_model_len=64, max_num_seqs=4
+    ).engine
+    yield eng
+    _abort_all(eng)
+    eng = None
+    _collect()
+
+
+class TestUsefulCapacity:
+    """A budget-derived capacity stops at the pages the engine's requests can ever use: more is
+    never used, and growing into it after a reconfiguration copied all KV for nothing."""
+
+    def test_capacity_stops_at_useful_pages_and_nothing_grows_past_it(self, roomy_engine, ref):
+        eng = roomy_engine
+        # 4 sequences x ceil(64 / 16) pages + page 0 = 17, rounded up to the granule (16).
+        assert eng.config.useful_pages == 32
+        raw = max_pages(
+            eng.config.budget(6), eng.shape, 3, 16, stage_extra_bytes(eng.shape, eng.plan, 0)
+        )
+        assert raw > 1000  # what the budget alone would give
+        assert [st.pages.num_pages for st in eng.executor.stages] == [32, 32]
+        ids = add(eng, PROMPTS)
+        for _ in range(3):
+            eng.step()
+        # Device 7 goes from 3 layers to 2: room appears there, but not room anything can use.
+        h = eng.reconfigure(MEM_B, verify=True)
+        join_compile(eng)
+        drain(eng)
+        r = h.report()
+        assert r.ok, r.reason
+        assert r.verified_pages > 0
+        assert r.resize_ms is None  # nothing grown
+        assert [st.pages.num_pages for st in eng.executor.stages] == [32, 32]
+        assert outputs(eng, ids) == expected(ref, PROMPTS)
+        assert_clean(eng)
 
 
 # ------------------------------------------------------------------ RESIZE failure and leaks

@@ -134,6 +134,9 @@ def run_workload(
     rec.t0 = t0 = time.perf_counter()
     rec.plans.append((0.0, str(engine.plan)))
     plan_obj = engine.plan
+    # The runner holds its requests itself: the engine forgets old finished ones
+    # (finished_retention), and a long run may finish more than it keeps.
+    submitted: dict[str, Any] = {}
     while True:
         now = time.perf_counter() - t0
         # 1. arrivals
@@ -144,7 +147,8 @@ def run_workload(
                 list(r.prompt_token_ids), _params(r, temperature, ignore_eos, seed + next_req), rid
             )
             # latencies count from the scheduled arrival (see the module docstring)
-            engine.requests[rid].metrics.arrival_time = t0 + r.arrival_s
+            submitted[rid] = engine.requests[rid]
+            submitted[rid].metrics.arrival_time = t0 + r.arrival_s
             next_req += 1
         # 2. reconfigurations
         if active is not None and active["handle"].done():
@@ -218,9 +222,8 @@ def run_workload(
             on_tick(rec)
         if time.perf_counter() - t0 > max_duration_s:
             rec.timed_out = True
-            for rid in rec.request_ids:
-                if rid in engine.requests:
-                    engine.abort(rid)
+            for rid in submitted:
+                engine.abort(rid)
             if active is not None:
                 active["handle"].abort("benchmark time limit")
                 while engine.reconfig is not None:
@@ -247,7 +250,7 @@ def run_workload(
     rec.preemptions = sched.num_preemptions - preempt0
     rec.compiles = engine.cache.compiles - compiles0
     for rid in rec.request_ids:
-        req = engine.requests.get(rid)
+        req = submitted.get(rid)
         if req is None:
             continue
         rec.metrics[rid] = req.metrics

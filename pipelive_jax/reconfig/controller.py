@@ -296,7 +296,8 @@ class ReconfigController:
             used,
             granule=eng.config.page_granule,
         )
-        self._transition_pages = adm.b_shrink
+        # No stage needs more than the engine's useful capacity, during the transition either.
+        self._transition_pages = min(adm.b_shrink, eng.config.useful_pages)
         self._admission_numbers = adm.numbers()
 
     def _stage_capacity(self, target_index: int | None, existing: int | None) -> int:
