@@ -27,7 +27,7 @@ are classed by the controller phase seen by a step hook (the hook runs after bef
              reconfiguration is done (on the new plan; restart: after the recovery): no
              reconfiguration in flight. Both, because the machine's speed drifts over the seconds
              a reconfiguration takes (other tenants; the context grows by tens of tokens): the
-             steps before alone put single repeats' ratios anywhere in 0.85-1.25. The ratio
+             steps before alone put single repeats' ratios anywhere in 0.75-1.34. The ratio
              against the steps before only is reported too (`*_vs_before`);
   overlap    phase PREPARE: on a background thread, the moved weights are copied to their new
              devices and the incoming layers' pools allocated (paced, see the controller's
