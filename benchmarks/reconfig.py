@@ -459,7 +459,8 @@ def summarize(recs: list[dict[str, Any]]) -> dict[str, Any]:
     }
     before_w = [x for r in ok for x in r["steady_wall_ms"]]
     before_c = [x for r in ok for x in r["steady_compute_ms"]]
-    steady_w = before_w + [x for r in ok for x in r["after_wall_ms"]]
+    after_w = [x for r in ok for x in r["after_wall_ms"]]
+    steady_w = before_w + after_w
     steady_c = before_c + [x for r in ok for x in r["after_compute_ms"]]
     mig_w = [x for r in ok for x in r["migration_wall_ms"]]
     mig_c = [x for r in ok for x in r["migration_compute_ms"]]
@@ -479,7 +480,7 @@ def summarize(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "ratio_migration_wall_mean": common.ratio(mean(mig_w), mean(steady_w)),
         "ratio_migration_compute": common.ratio(med(mig_c), med(steady_c)),
         "steady_before_wall_ms_median": med(before_w),
-        "steady_after_wall_ms_median": med(steady_w[len(before_w) :]),
+        "steady_after_wall_ms_median": med(after_w),
         "ratio_migration_wall_vs_before": common.ratio(med(mig_w), med(before_w)),
         "ratio_migration_compute_vs_before": common.ratio(med(mig_c), med(before_c)),
         "ratio_overlap_wall": common.ratio(med(ov_w), med(steady_w)),
