@@ -383,6 +383,47 @@ def test_precopy_chunk_follows_the_step_budget(pages, took_ms, budget_ms, expect
     assert next_chunk_pages(pages, took_ms / 1e3, budget_ms / 1e3) == expected
 
 
+def _pace(chunk_ms: float, step_ms: float, boundaries: int) -> list[float]:
+    """Copy milliseconds at each of `boundaries` step boundaries when every chunk takes
+    `chunk_ms` and steps take `step_ms` (the pacer's decisions only, no copies)."""
+    from pipelive_jax.reconfig.controller import PrecopyPacer
+
+    pacer, per = PrecopyPacer(), []
+    expect = 0.0
+    for _ in range(boundaries):
+        pacer.boundary(step_ms / 1e3)
+        spent = 0.0
+        while pacer.may_copy(expect / 1e3):
+            pacer.spent(chunk_ms / 1e3)
+            spent += chunk_ms
+            expect = chunk_ms
+        per.append(spent)
+    return per
+
+
+@pytest.mark.parametrize("chunk_ms", [0.5, 3.0, 7.0, 20.0])
+def test_precopy_pacer_spends_the_step_fraction_on_average(chunk_ms):
+    """Whatever a chunk takes (under the per-step budget, over it, over the burst), the
+    boundaries spend PRECOPY_STEP_FRACTION of the steps on average, copies keep going, and no
+    boundary runs more than the burst plus one chunk."""
+    from pipelive_jax.reconfig.controller import PRECOPY_BURST, PRECOPY_STEP_FRACTION
+
+    step_ms = 100.0
+    budget = PRECOPY_STEP_FRACTION * step_ms
+    per = _pace(chunk_ms, step_ms, 400)
+    assert sum(per) / len(per) == pytest.approx(budget, rel=0.15)
+    assert max(per) <= PRECOPY_BURST * budget + chunk_ms
+    if chunk_ms > budget:  # chunks longer than a step's share gather on some boundaries only
+        assert 0 < sum(1 for x in per if x) < len(per)
+
+
+def test_precopy_pacer_without_a_budget_copies_one_chunk_per_boundary(monkeypatch):
+    import pipelive_jax.reconfig.controller as controller
+
+    monkeypatch.setattr(controller, "PRECOPY_STEP_FRACTION", 0.0)
+    assert _pace(5.0, 100.0, 20) == [5.0] * 20
+
+
 def test_reconfigure_call_leaves_pool_allocation_and_weight_moves_to_the_background(
     eng, ref, monkeypatch
 ):

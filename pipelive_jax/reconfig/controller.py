@@ -58,6 +58,7 @@ class ReconfigReport:
     budget, so the last patch (inside the pause) was as large as it was.
     round_ms: wall time of each patch round (copy dispatched and finished); the last one ran
     inside the pause.
+    precopy_chunks: (pages, ms) of each pre-copy chunk, in order (how the pacing went).
     """
 
     ok: bool
@@ -80,6 +81,7 @@ class ReconfigReport:
     verified_pages: int | None = None
     round_dirty_bytes: list[int] = field(default_factory=list)
     round_ms: list[float] = field(default_factory=list)
+    precopy_chunks: list[tuple[int, float]] = field(default_factory=list)
     total_ms: float | None = None
     error_traceback: str | None = None
 
@@ -136,22 +138,60 @@ class _Pending:
     weight_arrays: list[Any]  # what was moved (to wait on)
 
 
-# Pre-copy at each step boundary: chunks of PRECOPY_CHUNK_PAGES pages per route, each finished
-# before the next, while PRECOPY_STEP_FRACTION of the last step's duration is not spent (at least
-# one chunk per boundary). Copies left running under the next step cost that step several times
-# their own time on these two shared cores (the step's threads wait on a core busy copying), and
-# a fixed 64-page chunk made steps 20-60% slower; a time budget bounds the slowdown instead.
-# The chunk then adapts: halved (down to PRECOPY_MIN_CHUNK_PAGES, the smallest compiled copy)
-# when one chunk alone overran the budget, doubled (up to PRECOPY_MAX_CHUNK_PAGES) when it took
-# under a quarter of it; a chunk of 16 pages took 2-6 ms idle but up to ~30 ms while serving.
-# The boundary work is the whole cost: with every other boundary skipped, steps after a copy and
-# steps after none computed alike (176 vs 175 ms at 8 x 1024 on SmolLM2, 150 steps each), so
-# the budget is what the migration steps pay; 2% keeps them clear of the 10% target where the
-# machine's drift (+-8% over a migration's seconds) sits on top.
+# Pre-copy at step boundaries, paced by a time credit: each boundary earns PRECOPY_STEP_FRACTION
+# of the last step's duration (kept up to PRECOPY_BURST boundaries' worth), and chunks of pages
+# (one route's at a time, each finished before the next) run while the credit covers one as long
+# as the last; their time is spent from it, so over the pre-copy the boundaries cost that
+# fraction of the steps on average whatever a chunk takes. Why this shape:
+# - Copies left running under the next step cost that step several times their own time on these
+#   two shared cores (the step's threads wait on a core busy copying), so each chunk is waited for.
+# - The boundary work is the whole cost: with every other boundary's copy skipped, steps after a
+#   copy and steps after none computed alike (176 vs 175 ms at 8 x 1024 on SmolLM2, 150 steps
+#   each), so the fraction is what the migration steps pay, under the 10% target with room for
+#   the machine's drift (+-8% over a migration's seconds).
+# - A budget spent at every boundary copies slowly when it is small: the first chunk after a step
+#   pays a fixed cost (2% at every boundary moved 0.5 GB/s against 1.3 GB/s at 4%, and the
+#   pre-copy took 80 steps instead of 18 at 32 x 256). A long pre-copy is not free either: the
+#   first patch round copies everything the steps wrote meanwhile.
+# The chunk adapts to the burst (PRECOPY_BURST x the per-step budget): halved (down to
+# PRECOPY_MIN_CHUNK_PAGES, the smallest compiled copy) when one chunk overran it, doubled (up to
+# PRECOPY_MAX_CHUNK_PAGES: bigger copies run slower per byte, see migrate.COPY_PIECE_PAGES) when
+# it took under a quarter of it. When the credit is full and still short of one chunk, one chunk
+# runs anyway (progress; the credit goes below zero and the next boundaries repay it).
 PRECOPY_CHUNK_PAGES = 16
 PRECOPY_MIN_CHUNK_PAGES = 8
-PRECOPY_MAX_CHUNK_PAGES = 64
-PRECOPY_STEP_FRACTION = 0.02
+PRECOPY_MAX_CHUNK_PAGES = 32
+PRECOPY_STEP_FRACTION = 0.03
+PRECOPY_BURST = 4.0
+
+
+@dataclass
+class PrecopyPacer:
+    """The pre-copy's time credit (host state, seconds; see the comment above)."""
+
+    credit_s: float = 0.0
+    budget_s: float = 0.0  # earned per boundary
+    cap_s: float = 0.0
+    copied_here: bool = False  # a chunk ran at this boundary
+
+    def boundary(self, step_s: float) -> None:
+        """A step ended after `step_s` seconds: earn its share."""
+        self.budget_s = PRECOPY_STEP_FRACTION * step_s
+        self.cap_s = PRECOPY_BURST * self.budget_s
+        self.credit_s = min(self.credit_s + self.budget_s, self.cap_s)
+        self.copied_here = False
+
+    def may_copy(self, expect_s: float) -> bool:
+        """Whether a chunk expected to take `expect_s` runs now: the credit covers it, or it
+        cannot grow to (full, or nothing earned) and no chunk ran at this boundary yet."""
+        if expect_s <= self.credit_s:
+            return True
+        stuck = self.credit_s >= self.cap_s or self.budget_s <= 0.0
+        return stuck and not self.copied_here
+
+    def spent(self, took_s: float) -> None:
+        self.credit_s -= took_s
+        self.copied_here = True
 
 
 # The PREPARE thread's memory-bound work (zeroed pools for incoming layers, weight copies between
@@ -169,8 +209,8 @@ def _paced() -> Iterator[None]:
 
 
 def next_chunk_pages(pages: int, took_s: float, budget_s: float) -> int:
-    """The pre-copy chunk after a chunk of `pages` pages took `took_s` against the per-boundary
-    `budget_s`: halved when it overran (not below PRECOPY_MIN_CHUNK_PAGES, nor above `pages`),
+    """The pre-copy chunk after a chunk of `pages` pages took `took_s` against `budget_s` (the
+    pacer's burst): halved when it overran (not below PRECOPY_MIN_CHUNK_PAGES, nor above `pages`),
     doubled when it took under a quarter (not above PRECOPY_MAX_CHUNK_PAGES), else kept."""
     if took_s > budget_s:
         return max(pages // 2, min(pages, PRECOPY_MIN_CHUNK_PAGES))
@@ -232,6 +272,8 @@ class ReconfigController:
         self._final_step_done = False  # live: the old-plan step after the last timed round ran
         self._precopied: dict[int, np.ndarray] | None = None  # route -> source pages copied
         self._chunk_pages = PRECOPY_CHUNK_PAGES
+        self._chunk_s = 0.0  # how long the next pre-copy chunk is expected to take
+        self._pacer = PrecopyPacer()
         self._precopy_next = 0  # the route the next pre-copy chunk is for (round robin)
         self._step_t0: float | None = None  # when the current engine step began
         self._last_step_s = 0.0  # how long the last engine step took (the pre-copy budget)
@@ -614,8 +656,8 @@ class ReconfigController:
 
     def _precopy(self) -> None:
         """Copies live pages of the routes at this step boundary, one route's chunk at a time,
-        waiting for each, until PRECOPY_STEP_FRACTION of the last step's time is spent: the bulk
-        copy is spread over steps with a bounded cost per step.
+        waiting for each, as far as the pacer's credit allows (PrecopyPacer): the bulk copy is
+        spread over steps at a bounded average cost per step.
 
         The dirty record starts when the pre-copy does, so whatever the steps write meanwhile
         (into pages copied already or not) goes with the patch rounds. Pages are remembered by
@@ -627,44 +669,44 @@ class ReconfigController:
             for st in self._old_stages:
                 st.pages.clear_dirty()
             self._precopied = {id(r): np.zeros(0, np.int32) for r in self._pending.routes}
-        t0 = time.perf_counter()
-        budget_s = PRECOPY_STEP_FRACTION * self._last_step_s
+        pacer = self._pacer
+        pacer.boundary(self._last_step_s)
+        if not pacer.may_copy(self._chunk_s):
+            return  # nothing runs at this boundary: skip listing the pages (~1 ms at 32 x 256)
         todo = {}
         for r in self._pending.routes:
             s, d = page_moves(r.src_table, r.dst_table)
             keep = ~np.isin(s, self._precopied[id(r)])
             todo[id(r)] = (s[keep], d[keep])
         # One route's chunk at a time, starting where the last boundary stopped: with several
-        # routes a boundary may copy for one of them only, so a small step's budget is not
-        # overrun by one chunk per route (at 8 x 256 on SmolLM2 the pre-copy steps were 15-20%
-        # slower for a 5% budget). A chunk starts only if one as long as the last still fits
-        # the budget (checking after each chunk only, the boundaries overran it by 20-40%).
-        # When every route's remainder fits one chunk, the pre-copy ends at this boundary (no
-        # extra step for a tail).
+        # routes a boundary may copy for one of them only. When every route's remainder fits one
+        # chunk, the pre-copy ends at this boundary (no extra step for a tail).
         routes = self._pending.routes
         tail = all(len(s) <= self._chunk_pages for s, _ in todo.values())
-        last_chunk_s = 0.0
         while any(len(s) for s, _ in todo.values()):
             r = routes[self._precopy_next % len(routes)]
             s, d = todo[id(r)]
             if not len(s):
                 self._precopy_next += 1
                 continue
-            t_chunk = time.perf_counter()
-            if last_chunk_s and not tail and t_chunk - t0 + last_chunk_s > budget_s:
-                break  # the next chunk, as long as the last one, would overrun the budget
+            if not tail and not pacer.may_copy(self._chunk_s):
+                break
             self._precopy_next += 1
             n = max(self._chunk_pages, len(s)) if tail else self._chunk_pages
             cs, cd = s[:n], d[:n]
+            t_chunk = time.perf_counter()
             self.report.bytes_kv_precopy += r.copy(cs, cd)
             self._precopied[id(r)] = np.concatenate([self._precopied[id(r)], cs])
             todo[id(r)] = (s[n:], d[n:])
             r.block()
-            now = time.perf_counter()
-            last_chunk_s = now - t_chunk
-            self._chunk_pages = next_chunk_pages(n, last_chunk_s, budget_s)
-            if now - t0 >= budget_s and not tail:
-                break
+            took = time.perf_counter() - t_chunk
+            self.report.precopy_chunks.append((len(cs), round(took * 1e3, 3)))
+            pacer.spent(took)
+            self._chunk_s = took
+            nxt = next_chunk_pages(n, took, pacer.cap_s)
+            if nxt != n:  # a chunk of another size is expected to take proportionally long
+                self._chunk_s = took * nxt / n
+            self._chunk_pages = nxt
         if not any(len(s) for s, _ in todo.values()):
             self._enter("PATCH")
             self._run_hook("PATCH")
