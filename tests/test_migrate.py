@@ -130,3 +130,31 @@ def test_slot_copy_refuses_more_than_it_was_compiled_for(devices):
     many = np.zeros(SLOT_COPY_MAX + 1, np.int32)
     with pytest.raises(ValueError, match="SLOT_COPY_MAX"):
         r.copy_slots(many, many)
+
+
+def test_a_large_page_copy_goes_in_pieces_and_lands_whole(devices, monkeypatch):
+    """Copies of many pages run in pieces of COPY_PIECE_PAGES (large copies are slower per
+    byte); every piece lands: the target equals the source for every token."""
+    import pipelive_jax.reconfig.migrate as migrate
+
+    monkeypatch.setattr(migrate, "COPY_PIECE_PAGES", 3)
+    pieces: list[int] = []
+    one_piece = Route._copy_piece
+
+    def counted(self, s, d):
+        pieces.append(len(s))
+        return one_piece(self, s, d)
+
+    monkeypatch.setattr(Route, "_copy_piece", counted)
+    src, dst = _tables()
+    r, src_pools = _route(devices, src, dst)
+    s, d = page_moves(src, dst)
+    moved = r.copy(s, d)
+    r.block()
+    assert pieces == [3, 3, 2] and len(s) == 8
+    assert moved == len(s) * r.page_bytes * len(LAYERS)
+    for lay, (k, v) in zip(LAYERS, r.dst_pools, strict=True):
+        for a, b in ((src_pools[lay][0], k), (src_pools[lay][1], v)):
+            want, got = _token_rows(a, src), _token_rows(b, dst)
+            for seq in want:
+                np.testing.assert_array_equal(got[seq], want[seq])
