@@ -389,14 +389,12 @@ def _pace(chunk_ms: float, step_ms: float, boundaries: int) -> list[float]:
     from pipelive_jax.reconfig.controller import PrecopyPacer
 
     pacer, per = PrecopyPacer(), []
-    expect = 0.0
     for _ in range(boundaries):
         pacer.boundary(step_ms / 1e3)
         spent = 0.0
-        while pacer.may_copy(expect / 1e3):
-            pacer.spent(chunk_ms / 1e3)
+        while pacer.may_copy():
+            pacer.spent(pacer.chunk_pages, chunk_ms / 1e3)
             spent += chunk_ms
-            expect = chunk_ms
         per.append(spent)
     return per
 

@@ -167,12 +167,15 @@ PRECOPY_BURST = 4.0
 
 @dataclass
 class PrecopyPacer:
-    """The pre-copy's time credit (host state, seconds; see the comment above)."""
+    """The pre-copy's pacing (host state; see the comment above): the time credit in seconds,
+    the size of the next chunk and how long it is expected to take."""
 
     credit_s: float = 0.0
     budget_s: float = 0.0  # earned per boundary
     cap_s: float = 0.0
     copied_here: bool = False  # a chunk ran at this boundary
+    chunk_pages: int = field(default_factory=lambda: PRECOPY_CHUNK_PAGES)
+    chunk_s: float = 0.0  # expected time of the next chunk (0: none ran yet)
 
     def boundary(self, step_s: float) -> None:
         """A step ended after `step_s` seconds: earn its share."""
@@ -181,17 +184,21 @@ class PrecopyPacer:
         self.credit_s = min(self.credit_s + self.budget_s, self.cap_s)
         self.copied_here = False
 
-    def may_copy(self, expect_s: float) -> bool:
-        """Whether a chunk expected to take `expect_s` runs now: the credit covers it, or it
-        cannot grow to (full, or nothing earned) and no chunk ran at this boundary yet."""
-        if expect_s <= self.credit_s:
+    def may_copy(self) -> bool:
+        """Whether the next chunk runs now: the credit covers its expected time, or it cannot
+        grow to (full, or nothing earned) and no chunk ran at this boundary yet."""
+        if self.chunk_s <= self.credit_s:
             return True
         stuck = self.credit_s >= self.cap_s or self.budget_s <= 0.0
         return stuck and not self.copied_here
 
-    def spent(self, took_s: float) -> None:
+    def spent(self, pages: int, took_s: float) -> None:
+        """A chunk of `pages` pages took `took_s`: pay for it and size the next one (expected
+        to take proportionally as long)."""
         self.credit_s -= took_s
         self.copied_here = True
+        self.chunk_pages = next_chunk_pages(pages, took_s, self.cap_s)
+        self.chunk_s = took_s * self.chunk_pages / pages
 
 
 # The PREPARE thread's memory-bound work (zeroed pools for incoming layers, weight copies between
@@ -271,8 +278,6 @@ class ReconfigController:
         self._resize_started = False
         self._final_step_done = False  # live: the old-plan step after the last timed round ran
         self._precopied: dict[int, np.ndarray] | None = None  # route -> source pages copied
-        self._chunk_pages = PRECOPY_CHUNK_PAGES
-        self._chunk_s = 0.0  # how long the next pre-copy chunk is expected to take
         self._pacer = PrecopyPacer()
         self._precopy_next = 0  # the route the next pre-copy chunk is for (round robin)
         self._step_t0: float | None = None  # when the current engine step began
@@ -671,7 +676,7 @@ class ReconfigController:
             self._precopied = {id(r): np.zeros(0, np.int32) for r in self._pending.routes}
         pacer = self._pacer
         pacer.boundary(self._last_step_s)
-        if not pacer.may_copy(self._chunk_s):
+        if not pacer.may_copy():
             return  # nothing runs at this boundary: skip listing the pages (~1 ms at 32 x 256)
         todo = {}
         for r in self._pending.routes:
@@ -682,17 +687,17 @@ class ReconfigController:
         # routes a boundary may copy for one of them only. When every route's remainder fits one
         # chunk, the pre-copy ends at this boundary (no extra step for a tail).
         routes = self._pending.routes
-        tail = all(len(s) <= self._chunk_pages for s, _ in todo.values())
+        tail = all(len(s) <= pacer.chunk_pages for s, _ in todo.values())
         while any(len(s) for s, _ in todo.values()):
             r = routes[self._precopy_next % len(routes)]
             s, d = todo[id(r)]
             if not len(s):
                 self._precopy_next += 1
                 continue
-            if not tail and not pacer.may_copy(self._chunk_s):
+            if not tail and not pacer.may_copy():
                 break
             self._precopy_next += 1
-            n = max(self._chunk_pages, len(s)) if tail else self._chunk_pages
+            n = max(pacer.chunk_pages, len(s)) if tail else pacer.chunk_pages
             cs, cd = s[:n], d[:n]
             t_chunk = time.perf_counter()
             self.report.bytes_kv_precopy += r.copy(cs, cd)
@@ -701,12 +706,7 @@ class ReconfigController:
             r.block()
             took = time.perf_counter() - t_chunk
             self.report.precopy_chunks.append((len(cs), round(took * 1e3, 3)))
-            pacer.spent(took)
-            self._chunk_s = took
-            nxt = next_chunk_pages(n, took, pacer.cap_s)
-            if nxt != n:  # a chunk of another size is expected to take proportionally long
-                self._chunk_s = took * nxt / n
-            self._chunk_pages = nxt
+            pacer.spent(n, took)
         if not any(len(s) for s, _ in todo.values()):
             self._enter("PATCH")
             self._run_hook("PATCH")
