@@ -1,13 +1,19 @@
 """`pipelive demo`: live reconfiguration of a serving pipeline, shown and checked.
 
-Streams a handful of chat requests over 2 stages, live-reconfigures to 3 uneven stages midway,
-prints the phases, rounds, bytes and the pause, and confirms that the outputs are token-identical
-to a run that never reconfigured.
+Streams chat requests over 2 stages, live-reconfigures to 3 uneven stages midway, prints the
+phases, rounds, bytes and the pause, and confirms that every output is token-identical to a run
+that never reconfigured.
+
+Requests keep arriving (the prompts cycled, CONCURRENCY in flight) until the reconfiguration is
+done: on a cold machine the new plan's ahead-of-time compilation alone takes tens of seconds, and
+a fixed handful of requests would all finish before any KV page moved, which would show nothing.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,61 +37,110 @@ PROMPTS = [
     "Explain gravity to a child.",
 ]
 CONCURRENCY = 4
-SOURCE = [15, 15]
-TARGET = {
-    "stages": [
-        {"devices": [0], "layers": [0, 8]},
-        {"devices": [1], "layers": [8, 20]},
-        {"devices": [2], "layers": [20, 30]},
-    ]
-}
+STEPS_BEFORE = 4  # engine steps served on the source plan before the reconfiguration starts
 
 
-def run_demo(model: str = "smollm2-135m", max_tokens: int = 48) -> int:
-    from pipelive_jax.models.registry import load_model
+def plans(num_layers: int) -> tuple[list[int], dict[str, Any]]:
+    """Source (2 even stages) and target (3 uneven stages: 8/12/10 of 30 layers, scaled)."""
+    a, b = round(num_layers * 8 / 30), round(num_layers * 20 / 30)
+    target = {
+        "stages": [
+            {"devices": [0], "layers": [0, a]},
+            {"devices": [1], "layers": [a, b]},
+            {"devices": [2], "layers": [b, num_layers]},
+        ]
+    }
+    return [num_layers // 2, num_layers - num_layers // 2], target
+
+
+@dataclass
+class DemoResult:
+    """One demo run: the reconfiguration's report and each served request against its reference.
+
+    outputs[i] answered prompt prompt_index[i]; expected[k] is prompt k's tokens from the run that
+    never reconfigured.
+    """
+
+    report: Any  # ReconfigReport
+    outputs: list[Any]  # RequestOutput, in arrival order
+    prompt_index: list[int]
+    expected: list[list[int]]
+    steps_during: int
+    served_during: int  # requests that were in flight at some step of the reconfiguration
+
+    @property
+    def mismatched(self) -> list[int]:
+        """Indices into outputs whose tokens differ from their prompt's reference."""
+        return [
+            i
+            for i, (o, k) in enumerate(zip(self.outputs, self.prompt_index, strict=True))
+            if o.token_ids != self.expected[k]
+        ]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.report.ok) and not self.mismatched
+
+
+def live_demo(
+    loaded: Any, max_tokens: int = 48, concurrency: int = CONCURRENCY, con: Console | None = None
+) -> DemoResult:
+    """Serves the prompts on the source plan, reconfigures live to the target while requests keep
+    streaming, drains, and returns what happened next to the reference run's tokens."""
     from pipelive_jax.serving.llm import LLM
     from pipelive_jax.serving.sampling import SamplingParams
 
-    con = Console()
-    con.print(f"[bold]pipelive demo[/bold]: {model}, plan {SOURCE} -> 3 uneven stages, live")
-    loaded = load_model(model, progress=True)
+    con = con or Console()
     tok = loaded.tokenizer
     prompts = (
         [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
         if tok
-        else [[1, 2, 3]] * 4
+        else [[1 + (7 * k + j) % 50 for j in range(5 + k % 7)] for k in range(len(PROMPTS))]
     )
+    source, target = plans(loaded.config.num_layers)
     params = SamplingParams(max_tokens=max_tokens)
     opts = dict(max_model_len=256, num_pages=128, max_num_batched_tokens=256)
 
     con.print("reference run (no reconfiguration) ...")
-    ref = LLM(loaded, plan=SOURCE, **opts).generate(prompts, params)
+    expected = [o.token_ids for o in LLM(loaded, plan=source, **opts).generate(prompts, params)]
 
-    llm = LLM(loaded, plan=SOURCE, **opts)
-    eng = llm.engine
-    queue = list(prompts)
+    eng = LLM(loaded, plan=source, **opts).engine
     ids: list[str] = []
+    prompt_index: list[int] = []
+    during: set[str] = set()
 
     def top_up() -> None:
-        # Requests keep streaming: keep CONCURRENCY in flight while prompts remain.
-        while queue and len(eng.scheduler.running) + len(eng.scheduler.waiting) < CONCURRENCY:
-            ids.append(eng.add_request(queue.pop(0), params))
+        while len(eng.scheduler.running) + len(eng.scheduler.waiting) < concurrency:
+            k = len(ids) % len(prompts)
+            ids.append(eng.add_request(prompts[k], params))
+            prompt_index.append(k)
 
     top_up()
-    while eng.step_count < 4:
+    while eng.step_count < STEPS_BEFORE:
         eng.step()
-    con.print(f"serving on {eng.plan} ... reconfiguring live to {TARGET['stages']}")
-    handle = eng.reconfigure(TARGET, mode="live", pause_budget_ms=10, verify=True)
+    con.print(f"serving on {eng.plan} ... reconfiguring live to {target['stages']}")
+    handle = eng.reconfigure(target, mode="live", pause_budget_ms=10, verify=True)
     steps_during = 0
-    while eng.has_unfinished() or queue:
-        top_up()
-        if not handle.done():
-            steps_during += 1
+    while not handle.done():
+        top_up()  # requests keep streaming for the whole reconfiguration
+        during.update(r.request_id for r in eng.scheduler.running)
+        steps_during += 1
         if not eng.step() and not eng.scheduler.has_unfinished():
             time.sleep(0.005)
-    rep = handle.report()
-    outs = [eng.get_output(i) for i in ids]
+    while eng.has_unfinished():
+        eng.step()
+    return DemoResult(
+        report=handle.report(),
+        outputs=[eng.get_output(i) for i in ids],
+        prompt_index=prompt_index,
+        expected=expected,
+        steps_during=steps_during,
+        served_during=len(during),
+    )
 
+
+def print_result(res: DemoResult, con: Console) -> None:
+    rep = res.report
     t = Table(title=f"reconfiguration {rep.source}  ->  {rep.target}")
     t.add_column("phase")
     t.add_column("ms", justify="right")
@@ -103,20 +158,32 @@ def run_demo(model: str = "smollm2-135m", max_tokens: int = 48) -> int:
     s.add_row("KV patched", f"{rep.bytes_kv_patched / 2**20:.3f} MiB")
     s.add_row("pages verified byte-identical", str(rep.verified_pages))
     s.add_row("compiled inside the pause", str(rep.compiled_in_pause))
-    s.add_row("engine steps during the reconfiguration", str(steps_during))
-    s.add_row("requests served", str(len(outs)))
+    s.add_row("engine steps during the reconfiguration", str(res.steps_during))
+    s.add_row("requests in flight during it", str(res.served_during))
+    s.add_row("requests served", str(len(res.outputs)))
     con.print(s)
-    same = all(a.token_ids == b.token_ids for a, b in zip(outs, ref, strict=True))
-    for o in outs[:2]:
+    for o in res.outputs[:2]:
         con.print(f"[dim]{o.text.strip()[:100]!r}[/dim]")
-    if same and rep.ok:
+
+
+def run_demo(model: str = "smollm2-135m", max_tokens: int = 48) -> int:
+    from pipelive_jax.models.registry import load_model
+
+    con = Console()
+    con.print(f"[bold]pipelive demo[/bold]: {model}, 2 stages -> 3 uneven stages, live")
+    res = live_demo(load_model(model, progress=True), max_tokens=max_tokens, con=con)
+    print_result(res, con)
+    if res.ok:
         con.print(
-            f"[green]outputs of all {len(outs)} requests are token-identical to the run without reconfiguration[/green]"
+            f"[green]outputs of all {len(res.outputs)} requests are token-identical to the run "
+            "without reconfiguration[/green]"
         )
         return 0
-    con.print(
-        "[red]outputs differ from the run without reconfiguration[/red]"
-        if not same
-        else "[red]reconfiguration failed[/red]"
-    )
+    if not res.report.ok:
+        con.print(f"[red]reconfiguration failed: {res.report.reason}[/red]")
+    if res.mismatched:
+        con.print(
+            f"[red]{len(res.mismatched)} of {len(res.outputs)} outputs differ from the run "
+            "without reconfiguration[/red]"
+        )
     return 1
