@@ -757,7 +757,10 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax2.set_xticks(x, [k.replace("_", "\n") for k in keys])
     ax2.set_yscale("log")
     ax2.set_ylabel("step time ratio (log)")
-    ax2.set_title("Live mode: decode step time during reconfiguration (median over repeats)")
+    ax2.set_title(
+        "Live mode: decode step time during reconfiguration\n"
+        "(migration / steady: median over repeats of each repeat's ratio)"
+    )
     ax2.legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M, {results.get('device_note', '')}", fontsize=9)
     fig.tight_layout()
