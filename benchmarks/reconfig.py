@@ -29,10 +29,11 @@ are classed by the controller phase seen by a step hook (the hook runs after bef
              a reconfiguration takes (other tenants; the context grows by tens of tokens): the
              steps before alone put single repeats' ratios anywhere in 0.75-1.34. The ratio
              against the steps before only is reported too (`*_vs_before`). K_WARM unmeasured
-             steps come first: each repeat starts after a quiet wait, and the first steps after
-             an idle spell ran faster than the load around them (the 4 steps before were below
-             the 4 after in 5 of 5 repeats at 32 x 256). Only steps with all n_req requests
-             running are classed (a repeat that outran its decode room ends with empty steps);
+             steps come first, right out of the quiet wait (in the run on 5e66c98 the 4 steps
+             before were below the 4 after in 5 of 5 repeats at 32 x 256; whether the idle spell
+             or drift did it, the first steps are not counted). Only steps with all n_req
+             requests running are classed (a repeat that outran its decode room ended with
+             empty steps);
   overlap    phase PREPARE: on a background thread, the moved weights are copied to their new
              devices and the incoming layers' pools allocated (paced, see the controller's
              STAGING_IDLE_RATIO) and the new plan is compiled (here: found in the cache), sharing
@@ -45,8 +46,9 @@ repeat, for wall and for compute; the criterion takes the median over the repeat
 compared with its own steady steps because the machine's speed differs between repeats by more
 than the effect measured, and a slow spell also stretches the (time-paced) pre-copy over more
 steps: pooling all repeats' steps (also reported, `ratio_migration_wall`) lets the slow repeats
-weigh more on the migration side than on the steady side (K_PRE + K_POST steps each). `observed_gap_ms` is end of the last old-plan compute -> start of the first new-plan
-compute as seen from outside (includes work the controller does after it stops its pause clock).
+weigh more on the migration side than on the steady side (K_PRE + K_POST steps each).
+`observed_gap_ms` is end of the last old-plan compute -> start of the first new-plan compute as
+seen from outside (includes work the controller does after it stops its pause clock).
 For restart, `recovery_ms` is the end of the last old step -> every request in flight at the
 switch has produced a token again (the pause, plus the recompute of all their KV). Above
 `--restart-recompute-max-tokens` (n_req * ctx; default 8192, i.e. 32 x 1024 is skipped: its
