@@ -101,22 +101,33 @@ def live_demo(
     params = SamplingParams(max_tokens=max_tokens)
     opts = dict(max_model_len=256, num_pages=128, max_num_batched_tokens=256)
 
-    con.print("reference run (no reconfiguration) ...")
-    expected = [o.token_ids for o in LLM(loaded, plan=source, **opts).generate(prompts, params)]
-
     eng = LLM(loaded, plan=source, **opts).engine
     ids: list[str] = []
     prompt_index: list[int] = []
-    during: set[str] = set()
 
-    def top_up() -> None:
+    def top_up(limit: int | None = None) -> None:
         while len(eng.scheduler.running) + len(eng.scheduler.waiting) < concurrency:
+            if limit is not None and len(ids) >= limit:
+                return
             k = len(ids) % len(prompts)
             ids.append(eng.add_request(prompts[k], params))
             prompt_index.append(k)
 
+    # The reference: every prompt once, on this engine before it reconfigures (the same
+    # compiled functions and batch shapes then serve the live run: nothing compiles twice).
+    con.print("reference run (no reconfiguration) ...")
+    top_up(len(prompts))
+    while eng.has_unfinished():
+        eng.step()
+        top_up(len(prompts))
+    expected = [eng.get_output(i).token_ids for i in ids]
+    ids.clear()
+    prompt_index.clear()
+    during: set[str] = set()
+
     top_up()
-    while eng.step_count < STEPS_BEFORE:
+    start = eng.step_count
+    while eng.step_count < start + STEPS_BEFORE:
         eng.step()
     con.print(f"serving on {eng.plan} ... reconfiguring live to {target['stages']}")
     handle = eng.reconfigure(target, mode="live", pause_budget_ms=10, verify=True)
