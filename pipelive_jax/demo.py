@@ -11,7 +11,6 @@ a fixed handful of requests would all finish before any KV page moved, which wou
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,8 +135,7 @@ def live_demo(
         top_up()  # requests keep streaming for the whole reconfiguration
         during.update(r.request_id for r in eng.scheduler.running)
         steps_during += 1
-        if not eng.step() and not eng.scheduler.has_unfinished():
-            time.sleep(0.005)
+        eng.step()
     while eng.has_unfinished():
         eng.step()
     return DemoResult(
