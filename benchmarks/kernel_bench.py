@@ -9,8 +9,8 @@ Sections are registered in `SECTIONS` (name -> function of the parsed args retur
 JSON-ready value); each lands under its own key of the output, next to `machine`, `versions` and
 `config` (machine and versions from `benchmarks/common.py`). Add a section by writing its function and registering it there.
 
-    python benchmarks/kernels.py            # full run
-    python benchmarks/kernels.py --quick    # fewer cases and repeats (smoke test)
+    python benchmarks/kernel_bench.py            # full run
+    python benchmarks/kernel_bench.py --quick    # fewer cases and repeats (smoke test)
 """
 
 from __future__ import annotations
