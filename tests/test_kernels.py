@@ -74,13 +74,16 @@ class AttnConfig:
 
 
 # Together these cover page sizes 8/16/32, GQA groups 1/3/4/8, float32 and bfloat16, soft cap on
-# both dtypes, a decode-only bucket (max_q_len 1) and a non-power-of-two chunk bucket.
+# both dtypes, decode-only buckets (max_q_len 1) and a non-power-of-two chunk bucket.
 CONFIGS = [
     AttnConfig(16, 3, 3, 32, "float32", None, 16),  # SmolLM2's 9/3 GQA
     AttnConfig(8, 1, 8, 16, "bfloat16", None, 13),
     AttnConfig(32, 2, 4, 16, "float32", 2.0, 24),
     AttnConfig(16, 2, 1, 32, "bfloat16", 5.0, 8),
     AttnConfig(8, 1, 3, 16, "float32", None, 1, max_seqs=5, num_tokens=6),
+    # Decode again (the XLA backend's own path), with soft cap, bfloat16 and contexts that span
+    # several of its 32-key chunks and a partly padded last chunk.
+    AttnConfig(16, 2, 4, 16, "bfloat16", 5.0, 1, max_seqs=6, pages_per_seq=7, num_tokens=8),
 ]
 CONFIG_IDS = [
     f"p{c.page_size}-g{c.group}-{c.dtype}-cap{c.soft_cap}-q{c.max_q_len}" for c in CONFIGS
@@ -251,6 +254,19 @@ def test_pallas_ignores_nan_in_stale_slots_and_cu_padding() -> None:
     @given(batch=ragged_batches(cfg, stale_fill=np.nan, cu_padding="zero"))
     def check(batch: RaggedBatch) -> None:
         _check_against_reference(batch, cfg, "pallas_interpret")
+
+    check()
+
+
+def test_xla_decode_ignores_nan_in_stale_slots() -> None:
+    """The XLA decode path (max_q_len 1) zeroes V past each sequence's end too: a reused page's
+    NaN from an earlier request must not reach a decode step's output."""
+    cfg = CONFIGS[-1]
+
+    @_hypothesis_settings("xla")
+    @given(batch=ragged_batches(cfg, stale_fill=np.nan))
+    def check(batch: RaggedBatch) -> None:
+        _check_against_reference(batch, cfg, "xla")
 
     check()
 
