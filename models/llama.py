@@ -42,6 +42,11 @@ class LlamaConfig:
     max_position_embeddings: int = 8192
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Storage dtype of the weights and the KV cache. Activations (the residual stream, norms,
+    # RoPE, softmax) are float32 whatever it is, and matmuls accumulate in float32: with
+    # "bfloat16", a matmul takes bf16 inputs (the activation rounded once) and gives float32,
+    # the mixed precision CPUs with AVX512-BF16/AMX and GPUs run fast. Doing the elementwise
+    # work in bf16 as well was 4x slower on CPU, where XLA widens each bf16 op to f32 and back.
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -140,8 +145,15 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(cfg: LlamaConfig, din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
+    """A bias-free projection: inputs cast to the weight dtype, float32 out (see LlamaConfig)."""
     return nnx.Linear(
-        din, dout, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, rngs=rngs
+        din,
+        dout,
+        use_bias=False,
+        dtype=cfg.jnp_dtype,
+        param_dtype=cfg.jnp_dtype,
+        preferred_element_type=jnp.float32,
+        rngs=rngs,
     )
 
 
@@ -176,7 +188,8 @@ class DecoderLayer(nnx.Module):
         max_q_len: int,
         backend: str,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [T, hidden]; pools [kv_heads, pages, page_size, head_dim] -> (x, k_pages, v_pages)."""
+        """x [T, hidden] float32; pools [kv_heads, pages, page_size, head_dim] in the weight
+        dtype -> (x, k_pages, v_pages)."""
         t = x.shape[0]
         hd = cfg.head_dim
         y = self.input_norm(x)
@@ -212,9 +225,10 @@ class LMHead(nnx.Module):
         self.weight = nnx.Param(weight)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        """h [R, hidden] -> logits [R, vocab] in float32."""
-        y = self.norm(h)
-        return jnp.einsum("rh,vh->rv", y, self.weight[...]).astype(jnp.float32)
+        """h [R, hidden] float32 -> logits [R, vocab] float32 (bf16 weights: bf16 inputs, f32 sums)."""
+        w = self.weight[...]
+        y = self.norm(h).astype(w.dtype)
+        return jnp.einsum("rh,vh->rv", y, w, preferred_element_type=jnp.float32)
 
 
 class LlamaModel(nnx.Module):
@@ -377,13 +391,13 @@ def stage_forward(
 ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     """One pipeline stage's step: embed? + layers + head?  (pure; jitted by the executor).
 
-    x: token ids [T] int32 on the first stage, hidden [T, hidden] otherwise.
+    x: token ids [T] int32 on the first stage, hidden [T, hidden] float32 otherwise.
     kv: per layer of the stage, (k_pages, v_pages) [kv_heads, pages, page_size, head_dim].
     Returns (kv, hidden [T, hidden]) or, on the last stage, (kv, logits [R, vocab] float32) for
     the tokens at meta.logits_indices.
     """
     cfg = defs.cfg
-    h = params.embed[x] if params.embed is not None else x
+    h = params.embed[x].astype(jnp.float32) if params.embed is not None else x
     cos, sin = rope_tables(meta.positions, rope_inv_freq(cfg))
     new_kv = []
     for st, (k_pages, v_pages) in zip(params.layers, kv, strict=True):

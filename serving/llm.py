@@ -4,26 +4,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelive_jax.errors import RequestError
+from pipelive_jax.errors import ModelLoadError, RequestError
 from pipelive_jax.models.registry import LoadedModel, load_model
 from pipelive_jax.serving.engine import Engine
 from pipelive_jax.serving.request import RequestOutput
 from pipelive_jax.serving.sampling import SamplingParams
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 class LLM:
     """`LLM(model="smollm2-135m", plan=None, **engine_options)`; `plan=None` means one stage.
 
-    `model` is a registry name, a path, or an already loaded `LoadedModel`.
+    `model` is a registry name, a path, or an already loaded `LoadedModel`. `dtype` is how the
+    weights and the KV cache are stored, "float32" (default) or "bfloat16" (bf16 matmul inputs,
+    float32 sums and activations: see `LlamaConfig.dtype`); a loaded model keeps its own.
     """
 
     def __init__(
-        self, model: str | LoadedModel = "smollm2-135m", plan: Any = None, **engine_options: Any
+        self,
+        model: str | LoadedModel = "smollm2-135m",
+        plan: Any = None,
+        *,
+        dtype: str | None = None,
+        **engine_options: Any,
     ) -> None:
         progress = engine_options.pop("progress", False)
-        self.loaded = (
-            model if isinstance(model, LoadedModel) else load_model(model, progress=progress)
-        )
+        if dtype is not None and dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        if isinstance(model, LoadedModel):
+            if dtype is not None and dtype != model.config.dtype:
+                raise ModelLoadError(
+                    f"dtype={dtype!r} but the loaded model {model.name!r} is "
+                    f"{model.config.dtype}: load it with load_model(..., dtype={dtype!r})"
+                )
+            self.loaded = model
+        else:
+            self.loaded = load_model(model, dtype=dtype or "float32", progress=progress)
         self.engine = Engine(self.loaded, plan, **engine_options)
 
     @property

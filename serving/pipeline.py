@@ -284,7 +284,7 @@ class CompileCache:
         if sig.is_first:
             x = jax.ShapeDtypeStruct((t,), i32, sharding=sh)
         else:
-            x = jax.ShapeDtypeStruct((t, cfg.hidden_size), cfg.jnp_dtype, sharding=sh)
+            x = jax.ShapeDtypeStruct((t, cfg.hidden_size), jnp.float32, sharding=sh)
         lowered = _stage_step.lower(
             self.defs, params, kv, meta, x, max_q_len=shape.max_q_len, backend=self.backend
         )

@@ -127,9 +127,15 @@ def causal_gqa_attention(q: ArrayF, k: ArrayF, v: ArrayF) -> ArrayF:
     return np.einsum("hqk,khd->qhd", probs, v_rep)
 
 
-def _linear(x: ArrayF, w: ArrayF) -> ArrayF:
-    """x: [T, in], w: [out, in] -> [T, out] in x's dtype."""
-    return x @ w.T.astype(x.dtype, copy=False)
+def _linear(x: ArrayF, w: ArrayF, round_to: Any = None) -> ArrayF:
+    """x: [T, in], w: [out, in] -> [T, out] in x's dtype; `round_to` (a numpy dtype such as
+    ml_dtypes.bfloat16) rounds x to it first, as a matmul with low-precision inputs does."""
+    return _round(x, round_to) @ w.T.astype(x.dtype, copy=False)
+
+
+def _round(x: ArrayF, round_to: Any) -> ArrayF:
+    """x rounded to `round_to` and back to x's dtype (unchanged when round_to is None)."""
+    return x if round_to is None else x.astype(round_to).astype(x.dtype)
 
 
 def _decoder(
@@ -146,6 +152,7 @@ def _decoder(
     inv_freq: np.ndarray,
     rope: Any,
     dtype: Any,
+    round_to: Any = None,
 ) -> ArrayF:
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim != 1 or ids.size == 0:
@@ -153,18 +160,20 @@ def _decoder(
     t = ids.size
     cos, sin = _rope_angles(np.arange(t), inv_freq)
     h = embed[ids].astype(dtype)
+    r = round_to
     for lw in layers:
         x = rms_norm(h, lw["attn_norm"], eps)
-        q = _linear(x, lw["q"]).reshape(t, num_heads, head_dim)
-        k = _linear(x, lw["k"]).reshape(t, num_kv_heads, head_dim)
-        v = _linear(x, lw["v"]).reshape(t, num_kv_heads, head_dim)
+        q = _linear(x, lw["q"], r).reshape(t, num_heads, head_dim)
+        k = _linear(x, lw["k"], r).reshape(t, num_kv_heads, head_dim)
+        v = _linear(x, lw["v"], r).reshape(t, num_kv_heads, head_dim)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        attn = causal_gqa_attention(q, k, v).reshape(t, num_heads * head_dim)
-        h = h + _linear(attn, lw["o"])
+        # A KV cache in `round_to` holds K (after RoPE) and V rounded; Q is not stored.
+        attn = causal_gqa_attention(q, _round(k, r), _round(v, r)).reshape(t, num_heads * head_dim)
+        h = h + _linear(attn, lw["o"], r)
         x = rms_norm(h, lw["ffn_norm"], eps)
-        h = h + _linear(silu(_linear(x, lw["gate"])) * _linear(x, lw["up"]), lw["down"])
+        h = h + _linear(silu(_linear(x, lw["gate"], r)) * _linear(x, lw["up"], r), lw["down"], r)
     h = rms_norm(h, final_norm, eps)
-    return _linear(h, lm_head)
+    return _linear(h, lm_head, r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +187,13 @@ def forward_hf(
     token_ids: Sequence[int],
     *,
     dtype: Any = np.float64,
+    round_to: Any = None,
 ) -> np.ndarray:
     """Logits [T, vocab] (``dtype``) for one sequence, full causal attention from position 0.
+
+    ``round_to`` (e.g. ml_dtypes.bfloat16) models low-precision matmul inputs and KV cache:
+    every matmul's activation input and the cached K and V are rounded to it; the rest stays
+    in ``dtype``.
 
     weights: HF names; linear weights are [out, in], ``model.embed_tokens.weight`` is
     [vocab, hidden]; ``lm_head.weight`` may be absent when ``cfg["tie_embeddings"]``.
@@ -217,6 +231,7 @@ def forward_hf(
         inv_freq=rope_inv_freq(cfg["head_dim"], float(cfg["rope_theta"]), cfg.get("rope_scaling")),
         rope=rope_rotate_half,
         dtype=dtype,
+        round_to=round_to,
     )
 
 
