@@ -435,11 +435,12 @@ def full_sequence_logits(
     *,
     page_size: int = 16,
     backend: str = "xla",
+    kv_dtype: Any = None,
 ) -> np.ndarray:
     """Logits [T, vocab] for every position of one sequence, through the paged path.
 
-    A check of the model as a whole (one stage holding every layer, a fresh cache); serving
-    goes through `serving.pipeline`.
+    A check of the model as a whole (one stage holding every layer, a fresh cache in
+    `kv_dtype`, default the model's dtype); serving goes through `serving.pipeline`.
     """
     ids = np.asarray(token_ids, dtype=np.int32)
     t = int(ids.shape[0])
@@ -455,7 +456,8 @@ def full_sequence_logits(
         logits_indices=jnp.arange(t, dtype=jnp.int32),
     )
     shape = (cfg.num_kv_heads, n_pages + 1, page_size, cfg.head_dim)
-    kv = [(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype)) for _ in model.layers]
+    kd = cfg.jnp_dtype if kv_dtype is None else jnp.dtype(kv_dtype)
+    kv = [(jnp.zeros(shape, kd), jnp.zeros(shape, kd)) for _ in model.layers]
     defs, embed, states, head = _split_cached(model)
     params = StageParams(embed=embed, layers=states, head=head)
     _, logits = _stage_forward_jit(

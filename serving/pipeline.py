@@ -367,8 +367,12 @@ def place_stage_params(
     return jax.device_put(params, device)
 
 
-def kv_spec_for(defs: ModelDefs, page_size: int) -> KVSpec:
+def kv_spec_for(defs: ModelDefs, page_size: int, dtype: Any = None) -> KVSpec:
+    """The pools' spec: the model's KV shape, in `dtype` (default: the model's dtype)."""
     cfg = defs.cfg
     return KVSpec(
-        kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, page_size=page_size, dtype=cfg.jnp_dtype
+        kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        page_size=page_size,
+        dtype=cfg.jnp_dtype if dtype is None else jnp.dtype(dtype),
     )

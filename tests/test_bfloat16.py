@@ -5,7 +5,8 @@ to bf16 and the bf16 weight, and sums in float32; K (after RoPE) and V are store
 rest (residual stream, norms, RoPE, softmax) is float32. The numpy reference models exactly that
 with `round_to=bfloat16` (float64 elsewhere), and the tests check that the model is far closer to
 it than to the same weights without the rounding. The serving path is then checked against the
-model's own one-sequence forward pass, as the float32 engine tests do.
+model's own one-sequence forward pass, as the float32 engine tests do, with the KV cache in the
+engine's dtype (float32 on CPU unless asked otherwise: see `EngineConfig.kv_cache_dtype`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def smol_bf16():
     return load_model("smollm2-135m", dtype="bfloat16")
 
 
-def _teacher_forced_greedy(model, prompt: list[int], generated: list[int]) -> list[int]:
+def _teacher_forced_greedy(
+    model, prompt: list[int], generated: list[int], kv_dtype=None
+) -> list[int]:
     """The greedy choice after each prefix of prompt + generated, from one full forward pass."""
-    logits = full_sequence_logits(model, prompt + generated[:-1])
+    logits = full_sequence_logits(model, prompt + generated[:-1], kv_dtype=kv_dtype)
     return np.argmax(logits[len(prompt) - 1 :], axis=-1).tolist()
 
 
@@ -96,17 +99,25 @@ def test_smollm2_bf16_stays_close_to_the_reference(smol_bf16):
 # ------------------------------------------------------------------ serving in bf16
 
 
-def test_tiny_bf16_engine_on_two_stages_matches_its_forward_pass(tiny_bf16):
-    """Decode through bf16 pages on two stages (float32 activations between them), with
-    mixed-length prompts batched, gives the tokens of the one-sequence forward pass."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
+def test_tiny_bf16_engine_on_two_stages_matches_its_forward_pass(tiny_bf16, kv_cache_dtype):
+    """Decode on two stages (float32 activations between them), with mixed-length prompts
+    batched, gives the tokens of the one-sequence forward pass over a cache of the same dtype:
+    float32 under "auto" on CPU, or bf16 pages when asked for."""
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 512, size=n).tolist() for n in (1, 5, 17, 30)]
-    llm = LLM(tiny_bf16, plan=[2, 4], num_pages=64, max_model_len=64)
+    llm = LLM(
+        tiny_bf16, plan=[2, 4], num_pages=64, max_model_len=64, kv_cache_dtype=kv_cache_dtype
+    )
+    kv_dtype = np.dtype(np.float32 if kv_cache_dtype == "auto" else ml_dtypes.bfloat16)
+    for stage in llm.engine.executor.stages:
+        assert {a.dtype for pair in stage.pools.as_list() for a in pair} == {kv_dtype}
     outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert len(out.token_ids) == N_NEW
-        assert out.token_ids == _teacher_forced_greedy(tiny_bf16.model, prompt, out.token_ids)
-    assert llm.engine.executor.stages[0].pools.as_list((0,))[0][0].dtype == ml_dtypes.bfloat16
+        assert out.token_ids == _teacher_forced_greedy(
+            tiny_bf16.model, prompt, out.token_ids, kv_dtype=kv_dtype
+        )
 
 
 @pytest.mark.smollm2
@@ -114,9 +125,12 @@ def test_smollm2_bf16_engine_on_two_stages_matches_its_forward_pass(smol_bf16):
     tok = smol_bf16.tokenizer
     prompts = [tok.encode(p) for p in ("The capital of France is", "Once upon a time, there was")]
     llm = LLM(smol_bf16, plan=[15, 15], num_pages=64, max_model_len=64)
+    assert llm.engine.kv_dtype == np.float32  # "auto" on CPU
     outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
-        assert out.token_ids == _teacher_forced_greedy(smol_bf16.model, prompt, out.token_ids)
+        assert out.token_ids == _teacher_forced_greedy(
+            smol_bf16.model, prompt, out.token_ids, kv_dtype=np.float32
+        )
         assert out.text == tok.decode(out.token_ids)
 
 
@@ -126,6 +140,13 @@ def test_smollm2_bf16_engine_on_two_stages_matches_its_forward_pass(smol_bf16):
 def test_llm_refuses_an_unknown_dtype():
     with pytest.raises(ModelLoadError, match="unknown dtype 'int8'"):
         LLM("tiny-random", dtype="int8")
+
+
+def test_engine_refuses_an_unknown_kv_cache_dtype(tiny):
+    from pipelive_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
+        LLM(tiny, kv_cache_dtype="fp8")
 
 
 def test_llm_refuses_a_dtype_other_than_the_loaded_models(tiny):
