@@ -136,14 +136,14 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- the peer: HF transformers
 
 
-def load_hf_peer(gguf_path: str, *, tokenizer: bool = True) -> tuple[Any, Any]:
-    """(model, tokenizer or None) from the same GGUF file, torch CPU float32, eval mode."""
+def load_hf_peer(gguf_path: str, *, tokenizer: bool = True, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer or None) from the same GGUF file, torch CPU in `dtype`, eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name) if tokenizer else None
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=getattr(torch, dtype))
     model.eval()
     return model, tok
 
