@@ -62,7 +62,9 @@ def machine_info() -> dict[str, Any]:
 
 def git_commit(root: str | None = None) -> dict[str, Any]:
     """{"commit", "dirty"} of the checkout at `root` (default: the one this package runs from,
-    else the current directory); None values outside a git checkout."""
+    else the current directory); None values outside a git checkout. "dirty" ignores the
+    benchmarks' own output folders: a benchmark that writes partial results as it goes would
+    otherwise record its run as dirty."""
 
     def run(cwd: str, *args: str) -> str | None:
         try:
@@ -74,7 +76,15 @@ def git_commit(root: str | None = None) -> dict[str, Any]:
     for cwd in [root] if root else [_PACKAGE_ROOT, os.getcwd()]:
         commit = run(cwd, "rev-parse", "HEAD")
         if commit:
-            status = run(cwd, "status", "--porcelain")
+            status = run(
+                cwd,
+                "status",
+                "--porcelain",
+                "--",
+                ".",
+                ":(exclude)benchmarks/results",
+                ":(exclude)results",
+            )
             return {"commit": commit, "dirty": bool(status) if status is not None else None}
     return {"commit": None, "dirty": None}
 
