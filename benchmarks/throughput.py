@@ -10,12 +10,15 @@ time of the whole call (prefill included on both sides).
                 host devices)
   transformers  AutoModelForCausalLM from the same GGUF, torch CPU float32, left padding,
                 greedy `generate` with min_new_tokens = max_new_tokens.
-  ours-1stage-bf16   one stage with weights and KV cache in bfloat16 (bf16 matmul inputs,
-                float32 sums and activations: `LLM(dtype="bfloat16")`)
+  ours-1stage-bf16   one stage with the weights in bfloat16 (bf16 matmul inputs, float32 sums
+                and activations: `LLM(dtype="bfloat16")`); the KV cache is the engine's
+                default, float32 on CPU (`kv_cache_dtype="auto"`)
   transformers-bf16  the same peer with the model in torch.bfloat16
 
 Each of ours is compared with the peer of its own dtype (the issue's target is float32 against
-float32); the bf16 rows also carry their ratio to the float32 peer, labelled as such.
+float32): in a row of the JSON, `ratio_vs_transformers_*` and `greedy_prefix_vs_transformers`
+are against that peer (`transformers-bf16` for a bf16 row); bf16 rows also carry
+`*_vs_transformers_f32` against the float32 peer. The summary names both sides.
 
 Each configuration runs once untimed with the same shapes (compiles excluded; compile time is
 measured separately), then `repeats` timed runs, the systems taking turns so that load from

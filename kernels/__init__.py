@@ -79,6 +79,15 @@ def validate_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_l
             raise KernelInputError(f"{name} must be an integer array, got {a.dtype}")
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise KernelInputError(f"q dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    # q may differ from the pages (a bf16 cache under float32 activations); K and V may not.
+    if k_pages.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise KernelInputError(
+            f"k_pages dtype must be float32, bfloat16 or float16, got {k_pages.dtype}"
+        )
+    if v_pages.dtype != k_pages.dtype:
+        raise KernelInputError(
+            f"v_pages dtype {v_pages.dtype} differs from k_pages dtype {k_pages.dtype}"
+        )
 
 
 def paged_attention(

@@ -42,9 +42,10 @@ class LlamaConfig:
     max_position_embeddings: int = 8192
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    # Storage dtype of the weights and the KV cache. Activations (the residual stream, norms,
-    # RoPE, softmax) are float32 whatever it is, and matmuls accumulate in float32: with
-    # "bfloat16", a matmul takes bf16 inputs (the activation rounded once) and gives float32,
+    # Storage dtype of the weights (and the default of the KV cache's: the engine's
+    # `kv_cache_dtype` decides). Activations (the residual stream, norms, RoPE, softmax) are
+    # float32 whatever it is, and matmuls accumulate in float32: with "bfloat16", a matmul
+    # takes bf16 inputs (the activation rounded once) and gives float32,
     # the mixed precision CPUs with AVX512-BF16/AMX and GPUs run fast. Doing the elementwise
     # work in bf16 as well was 4x slower on CPU, where XLA widens each bf16 op to f32 and back.
     dtype: str = "float32"
@@ -188,8 +189,8 @@ class DecoderLayer(nnx.Module):
         max_q_len: int,
         backend: str,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [T, hidden] float32; pools [kv_heads, pages, page_size, head_dim] in the weight
-        dtype -> (x, k_pages, v_pages)."""
+        """x [T, hidden] float32; pools [kv_heads, pages, page_size, head_dim] (the cache's
+        dtype, which may differ from the weights') -> (x, k_pages, v_pages)."""
         t = x.shape[0]
         hd = cfg.head_dim
         y = self.input_norm(x)

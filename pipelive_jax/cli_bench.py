@@ -189,6 +189,7 @@ def _plan_inputs(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(cfg_path)
     model = args.model or (cfg.model.name if cfg else "smollm2-135m")
     dtype = cfg.model.dtype if cfg else "float32"
+    kv_dtype = cfg.kv.kv_cache_dtype if cfg else "auto"
     if args.devices and not args.devices.endswith(".toml"):
         devices = parse_devices(args.devices)
     elif cfg is not None:
@@ -215,6 +216,7 @@ def _plan_inputs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": model,
         "dtype": dtype,
+        "kv_dtype": kv_dtype,
         "devices": devices,
         "page_size": page_size,
         "utilization": utilization,
@@ -244,7 +246,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipelive_jax.planner import head_cost_for, model_shape_for, propose_split
 
     inp = _plan_inputs(args)
-    shape = model_shape_for(inp["model"], inp["dtype"])
+    shape = model_shape_for(inp["model"], inp["dtype"], inp["kv_dtype"])
     head = (
         args.head_cost
         if args.head_cost is not None

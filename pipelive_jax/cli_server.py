@@ -33,6 +33,7 @@ _ENGINE_FLAGS = (
     "num_microbatches",
     "device_memory_bytes",
     "backend",
+    "kv_cache_dtype",
 )
 
 
@@ -76,6 +77,12 @@ def register(subparsers: Any) -> None:
     s.add_argument("--num-microbatches", type=int, default=None)
     s.add_argument("--device-memory-bytes", type=int, default=None, help="memory budget per device")
     s.add_argument("--backend", default=None, help="attention kernel backend")
+    s.add_argument(
+        "--kv-cache-dtype",
+        default=None,
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="KV cache dtype (default auto: the model's, float32 on CPU)",
+    )
     s.add_argument(
         "--request-timeout",
         type=float,

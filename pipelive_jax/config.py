@@ -14,7 +14,8 @@ Sections (every key optional unless marked)::
                  devices = N simulated devices (default: the most any plan of the file uses),
                  speeds = [1.0, 0.6] (relative, for `pipelive plan`), num_microbatches
     [kv]         page_size, num_pages = int | [per stage], device_memory = bytes | "640MiB" |
-                 [per device], utilization, kv_resize, page_granule
+                 [per device], utilization, kv_resize, page_granule,
+                 kv_cache_dtype = "auto" | "float32" | "bfloat16" | "float16"
     [scheduler]  max_num_seqs, max_num_batched_tokens, max_model_len, background_compile
     [workload]   (a benchmark needs it) kind (required) = "poisson" | "gamma" | "pattern_shift" | "trace", rate,
                  burstiness (gamma shape; or cv), num_requests, duration_s, input = {...},
@@ -286,6 +287,7 @@ class KVSection:
     utilization: float = 0.9
     kv_resize: bool = True
     page_granule: int = 16
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,7 @@ class BenchConfig:
             "memory_utilization": kv.utilization,
             "kv_resize": kv.kv_resize,
             "page_granule": kv.page_granule,
+            "kv_cache_dtype": kv.kv_cache_dtype,
             "max_num_seqs": sc.max_num_seqs,
             "max_num_batched_tokens": sc.max_num_batched_tokens,
             "max_model_len": sc.max_model_len,
@@ -701,7 +704,15 @@ def _read_kv(r: _Reader, t: dict[str, Any]) -> KVSection:
     r.check_keys(
         t,
         at,
-        ("page_size", "num_pages", "device_memory", "utilization", "kv_resize", "page_granule"),
+        (
+            "page_size",
+            "num_pages",
+            "device_memory",
+            "utilization",
+            "kv_resize",
+            "page_granule",
+            "kv_cache_dtype",
+        ),
     )
     num_pages: int | tuple[int, ...] | None = None
     if "num_pages" in t:
@@ -741,6 +752,9 @@ def _read_kv(r: _Reader, t: dict[str, Any]) -> KVSection:
         utilization=r.get(t, at, "utilization", "float", 0.9, check=_unit_interval),
         kv_resize=r.get(t, at, "kv_resize", "bool", True),
         page_granule=r.get(t, at, "page_granule", "int", 16, check=_positive),
+        kv_cache_dtype=r.get(
+            t, at, "kv_cache_dtype", "str", "auto", choices=("auto", *DTYPES)
+        ),
     )
 
 

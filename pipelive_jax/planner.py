@@ -81,12 +81,18 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 """Shapes of the registry models, so that planning needs neither weights nor JAX."""
 
 
-def model_shape_for(name: str, dtype: str = "float32") -> ModelShape:
-    """The `ModelShape` of a registry name (no loading), or of any model `load_model` reads."""
-    nbytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+def model_shape_for(name: str, dtype: str = "float32", kv_dtype: str = "auto") -> ModelShape:
+    """The `ModelShape` of a registry name (no loading), or of any model `load_model` reads.
+
+    `kv_dtype` is the engine's `kv_cache_dtype`; "auto" counts the model's dtype, the rule on
+    accelerators (an engine on CPU keeps float32 pages: plan for it with "float32").
+    """
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    nbytes = sizes.get(dtype, 4)
+    kv_bytes = nbytes if kv_dtype == "auto" else sizes.get(kv_dtype, 4)
     if name in MODEL_SHAPES:
         s = MODEL_SHAPES[name]
-        return ModelShape(**{**s.__dict__, "dtype_bytes": nbytes})
+        return ModelShape(**{**s.__dict__, "dtype_bytes": nbytes, "kv_dtype_bytes": kv_bytes})
     from pipelive_jax.models.registry import load_model
 
     cfg = load_model(name, dtype=dtype).config
@@ -100,6 +106,7 @@ def model_shape_for(name: str, dtype: str = "float32") -> ModelShape:
         vocab_size=cfg.vocab_size,
         tie_embeddings=cfg.tie_embeddings,
         dtype_bytes=nbytes,
+        kv_dtype_bytes=kv_bytes,
     )
 
 

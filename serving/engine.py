@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipelive_jax.config import DTYPES
 from pipelive_jax.errors import ConfigError, ReconfigError, RequestError
 from pipelive_jax.kernels import BACKENDS, default_backend
 from pipelive_jax.kv.pages import PageTable
@@ -54,7 +55,7 @@ from pipelive_jax.serving.scheduler import ScheduledSeq, Scheduler, SchedulerCon
 log = logging.getLogger("pipelive.engine")
 
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass

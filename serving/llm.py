@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelive_jax.errors import ModelLoadError, RequestError
+from pipelive_jax.config import DTYPES
+from pipelive_jax.errors import ConfigError, RequestError
 from pipelive_jax.models.registry import LoadedModel, load_model
 from pipelive_jax.serving.engine import Engine
 from pipelive_jax.serving.request import RequestOutput
 from pipelive_jax.serving.sampling import SamplingParams
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class LLM:
     """`LLM(model="smollm2-135m", plan=None, **engine_options)`; `plan=None` means one stage.
 
     `model` is a registry name, a path, or an already loaded `LoadedModel`. `dtype` is how the
-    weights and the KV cache are stored, "float32" (default) or "bfloat16" (bf16 matmul inputs,
-    float32 sums and activations: see `LlamaConfig.dtype`); a loaded model keeps its own.
+    weights are stored: "float32" (default), "bfloat16" or "float16" (16-bit matmul inputs,
+    float32 sums and activations: see `LlamaConfig.dtype`); a loaded model keeps its own. The
+    KV cache's dtype is the engine option `kv_cache_dtype` (`EngineConfig`).
     """
 
     def __init__(
@@ -31,10 +31,10 @@ class LLM:
     ) -> None:
         progress = engine_options.pop("progress", False)
         if dtype is not None and dtype not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         if isinstance(model, LoadedModel):
             if dtype is not None and dtype != model.config.dtype:
-                raise ModelLoadError(
+                raise ConfigError(
                     f"dtype={dtype!r} but the loaded model {model.name!r} is "
                     f"{model.config.dtype}: load it with load_model(..., dtype={dtype!r})"
                 )

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import ml_dtypes
 import numpy as np
 import numpy_reference as ref
 import pytest
 
-from pipelive_jax.errors import ModelLoadError
+from pipelive_jax.config import load_config
+from pipelive_jax.errors import ConfigError
 from pipelive_jax.models.llama import LlamaModel, full_sequence_logits
 from pipelive_jax.models.registry import LoadedModel, load_model
+from pipelive_jax.planner import model_shape_for
+from pipelive_jax.serving.engine import resolve_kv_dtype
 from pipelive_jax.serving.llm import LLM
 from pipelive_jax.serving.sampling import SamplingParams
 
@@ -84,15 +88,15 @@ def test_tiny_bf16_matches_the_mixed_precision_reference(tiny_bf16, length):
 def test_smollm2_bf16_stays_close_to_the_reference(smol_bf16):
     """Over 30 layers of 576 wide, some activations land within float32 error of a bf16
     rounding boundary, so the model cannot match the rounded reference to float32 rounding as
-    the tiny one does; both stay within a few thousandths of the logit scale of each other
-    (measured 8e-3, the same size as the effect of the rounding itself) and pick the same
-    greedy token at every position; a wrong weight layout or RoPE is off by whole units."""
+    the tiny one does; they stay within 1.5e-2 of the logit scale of each other (measured
+    8e-3, the same size as the effect of the rounding itself) and pick the same greedy token
+    at every position; a wrong weight layout or RoPE is off by whole units."""
     ids = smol_bf16.tokenizer.encode("The capital of France is")
     cfg = smol_bf16.config
     sd = smol_bf16.model.hf_state_dict()
     got = np.asarray(full_sequence_logits(smol_bf16.model, ids))
     want = ref.forward_hf(sd, dataclasses.asdict(cfg), ids, round_to=ml_dtypes.bfloat16)
-    assert max_scaled_error(got, want) < 3e-2
+    assert max_scaled_error(got, want) < 1.5e-2
     assert np.array_equal(np.argmax(got, -1), np.argmax(want, -1))
 
 
@@ -109,7 +113,8 @@ def test_tiny_bf16_engine_on_two_stages_matches_its_forward_pass(tiny_bf16, kv_c
     llm = LLM(
         tiny_bf16, plan=[2, 4], num_pages=64, max_model_len=64, kv_cache_dtype=kv_cache_dtype
     )
-    kv_dtype = np.dtype(np.float32 if kv_cache_dtype == "auto" else ml_dtypes.bfloat16)
+    kv_dtype = resolve_kv_dtype(kv_cache_dtype, "bfloat16", jax.devices()[0].platform)
+    assert llm.engine.kv_dtype == kv_dtype
     for stage in llm.engine.executor.stages:
         assert {a.dtype for pair in stage.pools.as_list() for a in pair} == {kv_dtype}
     outs = llm.generate(prompts, GREEDY)
@@ -125,11 +130,12 @@ def test_smollm2_bf16_engine_on_two_stages_matches_its_forward_pass(smol_bf16):
     tok = smol_bf16.tokenizer
     prompts = [tok.encode(p) for p in ("The capital of France is", "Once upon a time, there was")]
     llm = LLM(smol_bf16, plan=[15, 15], num_pages=64, max_model_len=64)
-    assert llm.engine.kv_dtype == np.float32  # "auto" on CPU
+    kv_dtype = llm.engine.kv_dtype
+    assert kv_dtype == resolve_kv_dtype("auto", "bfloat16", jax.devices()[0].platform)
     outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == _teacher_forced_greedy(
-            smol_bf16.model, prompt, out.token_ids, kv_dtype=np.float32
+            smol_bf16.model, prompt, out.token_ids, kv_dtype=kv_dtype
         )
         assert out.text == tok.decode(out.token_ids)
 
@@ -137,18 +143,39 @@ def test_smollm2_bf16_engine_on_two_stages_matches_its_forward_pass(smol_bf16):
 # ------------------------------------------------------------------ bad input
 
 
+def test_auto_kv_dtype_is_float32_on_cpu_and_the_models_elsewhere():
+    assert resolve_kv_dtype("auto", "bfloat16", "cpu") == np.float32
+    assert resolve_kv_dtype("auto", "bfloat16", "gpu") == ml_dtypes.bfloat16
+    assert resolve_kv_dtype("float16", "float32", "cpu") == np.float16
+
+
+def test_kv_cache_dtype_from_a_config_reaches_the_engine_and_the_planner(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[model]\nname = "tiny-random"\ndtype = "bfloat16"\n[plan]\nstages = [3, 3]\n'
+        '[kv]\nnum_pages = 32\nkv_cache_dtype = "float32"\n'
+    )
+    opts = load_config(str(path)).engine_options()
+    assert opts["kv_cache_dtype"] == "float32"
+    shape = model_shape_for("smollm2-135m", "bfloat16", opts["kv_cache_dtype"])
+    assert shape.page_bytes_per_layer(16) == 2 * model_shape_for(
+        "smollm2-135m", "bfloat16"
+    ).page_bytes_per_layer(16)
+    path.write_text(path.read_text().replace('"float32"', '"fp8"'))
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        load_config(str(path))
+
+
 def test_llm_refuses_an_unknown_dtype():
-    with pytest.raises(ModelLoadError, match="unknown dtype 'int8'"):
+    with pytest.raises(ConfigError, match="unknown dtype 'int8'"):
         LLM("tiny-random", dtype="int8")
 
 
 def test_engine_refuses_an_unknown_kv_cache_dtype(tiny):
-    from pipelive_jax.errors import ConfigError
-
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
         LLM(tiny, kv_cache_dtype="fp8")
 
 
 def test_llm_refuses_a_dtype_other_than_the_loaded_models(tiny):
-    with pytest.raises(ModelLoadError, match="dtype='bfloat16' but the loaded model"):
+    with pytest.raises(ConfigError, match="dtype='bfloat16' but the loaded model"):
         LLM(tiny, dtype="bfloat16")

@@ -58,6 +58,7 @@ class AttnConfig:
     max_seqs: int = 4
     pages_per_seq: int = 5
     num_tokens: int = 40
+    q_dtype: str | None = None  # None: the pages' dtype; "float32" over 16-bit pages as served
 
     @property
     def num_pages(self) -> int:
@@ -81,12 +82,21 @@ CONFIGS = [
     AttnConfig(32, 2, 4, 16, "float32", 2.0, 24),
     AttnConfig(16, 2, 1, 32, "bfloat16", 5.0, 8),
     AttnConfig(8, 1, 3, 16, "float32", None, 1, max_seqs=5, num_tokens=6),
-    # Decode again (the XLA backend's own path), with soft cap, bfloat16 and contexts that span
-    # several of its 32-key chunks and a partly padded last chunk.
-    AttnConfig(16, 2, 4, 16, "bfloat16", 5.0, 1, max_seqs=6, pages_per_seq=7, num_tokens=8),
+    # Decode again (the XLA backend's own path), with soft cap, bf16 pages under float32
+    # queries (as the engine serves a bf16 cache) and contexts that span several of its 32-key
+    # chunks and a partly padded last chunk; then fewer tokens than sequences, so that some
+    # sequences get none.
+    DECODE_BF16 := AttnConfig(
+        16, 2, 4, 16, "bfloat16", 5.0, 1, max_seqs=6, pages_per_seq=7, num_tokens=8, q_dtype="float32"
+    ),
+    AttnConfig(16, 3, 3, 32, "float32", None, 1, max_seqs=6, num_tokens=4),
+    # A prefill bucket with float32 queries over bf16 pages.
+    AttnConfig(16, 2, 2, 32, "bfloat16", None, 12, q_dtype="float32"),
 ]
 CONFIG_IDS = [
-    f"p{c.page_size}-g{c.group}-{c.dtype}-cap{c.soft_cap}-q{c.max_q_len}" for c in CONFIGS
+    f"p{c.page_size}-g{c.group}-{c.dtype}-cap{c.soft_cap}-q{c.max_q_len}"
+    f"{'-q' + c.q_dtype if c.q_dtype else ''}-s{c.max_seqs}t{c.num_tokens}"
+    for c in CONFIGS
 ]
 
 
@@ -162,7 +172,7 @@ def ragged_batches(
     q = rng.standard_normal((cfg.num_tokens, cfg.q_heads, cfg.head_dim)).astype(np.float32)
     q[cu[num_seqs] :] = np.nan
     return RaggedBatch(
-        q=q.astype(dtype),
+        q=q.astype(jnp.dtype(cfg.q_dtype or cfg.dtype)),
         k_pages=pool(),
         v_pages=pool(),
         kv_lens=np.concatenate([kv_lens, pad_kv_lens]).astype(np.int32),
@@ -247,7 +257,8 @@ def test_full_batch_of_long_prefills(backend: str) -> None:
 def test_pallas_ignores_nan_in_stale_slots_and_cu_padding() -> None:
     """Slots past kv_len of a reused page may hold NaN from an earlier request; they must not
     leak (the kernel zeroes V outside the sequence before P @ V, since 0 * NaN is NaN). Nor may
-    cu_q_lens entries past num_seqs matter. The XLA backend does not promise either (yet)."""
+    cu_q_lens entries past num_seqs matter. (The XLA backend's stale-slot case is the next
+    test; it expects cu_q_lens past num_seqs to repeat the last live value.)"""
     cfg = CONFIGS[2]
 
     @_hypothesis_settings("pallas_interpret")
@@ -258,10 +269,10 @@ def test_pallas_ignores_nan_in_stale_slots_and_cu_padding() -> None:
     check()
 
 
-def test_xla_decode_ignores_nan_in_stale_slots() -> None:
-    """The XLA decode path (max_q_len 1) zeroes V past each sequence's end too: a reused page's
-    NaN from an earlier request must not reach a decode step's output."""
-    cfg = CONFIGS[-1]
+@pytest.mark.parametrize("cfg", [CONFIGS[0], DECODE_BF16], ids=["general", "decode"])
+def test_xla_ignores_nan_in_stale_slots(cfg: AttnConfig) -> None:
+    """Both XLA paths, the general one and decode (max_q_len 1), zero V past each sequence's
+    end: a reused page's NaN from an earlier request must not reach a step's output."""
 
     @_hypothesis_settings("xla")
     @given(batch=ragged_batches(cfg, stale_fill=np.nan))
@@ -380,6 +391,8 @@ def _valid_args(head_dim: int = 16) -> dict[str, jax.Array]:
         ("q", jnp.zeros((4, 6, 16), jnp.int32), "q dtype"),
         ("k_pages", jnp.zeros((2, 5, 8), jnp.float32), "k_pages must be"),
         ("v_pages", jnp.zeros((2, 6, 8, 16), jnp.float32), "v_pages shape"),
+        ("k_pages", jnp.zeros((2, 5, 8, 16), jnp.int8), "k_pages dtype"),
+        ("v_pages", jnp.zeros((2, 5, 8, 16), jnp.bfloat16), "v_pages dtype"),
         ("block_tables", jnp.zeros((3,), jnp.int32), "block_tables must be"),
         ("block_tables", jnp.zeros((3, 2), jnp.float32), "integer"),
         ("kv_lens", jnp.zeros((4,), jnp.int32), "kv_lens must have shape"),
