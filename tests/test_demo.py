@@ -40,9 +40,11 @@ def test_demo_streams_through_the_reconfiguration_and_matches_the_reference(tiny
     res = live_demo(tiny, max_tokens=6, con=con)
     rep = res.report
     assert rep.ok, rep.reason
-    # Requests were in flight for the whole reconfiguration, so KV of moved layers really moved.
+    # Requests were in flight for the whole reconfiguration, so KV of moved layers really moved:
+    # in the pre-copy, or (6-token requests on a fast machine can all be new by then, holding no
+    # pages when it starts) in the patch rounds that follow.
     assert res.served_during > 4
-    assert rep.bytes_kv_precopy > 0
+    assert rep.bytes_kv_precopy + rep.bytes_kv_patched > 0
     assert rep.verified_pages and rep.verified_pages > 0
     assert rep.compiled_in_pause == 0
     assert res.mismatched == [], res.mismatched
