@@ -5,6 +5,11 @@ on the XLA backend, SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64)
 float32, at batch 1/8/32 and context 256/1024/4096. Each case is jitted, warmed up, then timed
 as the median of repeats. Block tables point at shuffled pages, as a long-running pool's would.
 
+Section "mixed": one mixed step's attention for one layer: `batch` sequences, `long` of them
+prefilling a 128-token chunk after 128 cached tokens, the rest decoding at context 256, timed
+with and without the `max_long_seqs` hint (the split: decodes through the decode path, only the
+chunks padded to 128 queries), alternating, as a ratio in the same run.
+
 Sections are registered in `SECTIONS` (name -> function of the parsed args returning a
 JSON-ready value); each lands under its own key of the output, next to `machine`, `versions` and
 `config` (machine and versions from `benchmarks/common.py`). Add a section by writing its function and registering it there.
@@ -110,9 +115,63 @@ def bench_attention(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+def mixed_batch(batch: int, long: int, chunk: int = 128, context: int = 256, seed: int = 0):
+    """Arguments of a mixed step: `long` sequences with a `chunk`-token prefill chunk ending at
+    `context`, then `batch - long` decodes at `context` (q, pools, kv_lens, tables, cu, n)."""
+    rng = np.random.default_rng(seed)
+    pages_per_seq = -(-context // PAGE_SIZE)
+    num_pages = 1 + batch * pages_per_seq
+    block_tables = rng.permutation(np.arange(1, num_pages)).reshape(batch, pages_per_seq)
+    q_lens = np.array([chunk] * long + [1] * (batch - long))
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    pool_shape = (KV_HEADS, num_pages, PAGE_SIZE, HEAD_DIM)
+    return (
+        jnp.asarray(rng.standard_normal((int(cu[-1]), Q_HEADS, HEAD_DIM)), DTYPE),
+        jnp.asarray(rng.standard_normal(pool_shape), DTYPE),
+        jnp.asarray(rng.standard_normal(pool_shape), DTYPE),
+        jnp.full((batch,), context, jnp.int32),
+        jnp.asarray(block_tables, jnp.int32),
+        jnp.asarray(cu),
+        jnp.int32(batch),
+    )
+
+
+def bench_mixed(args: argparse.Namespace) -> list[dict[str, object]]:
+    cases = [(8, 1), (32, 1), (32, 4)] if not args.quick else [(8, 1)]
+    rows = []
+    for batch, long in cases:
+        call_args = mixed_batch(batch, long)
+        padded = jax.jit(lambda *a: paged_attention(*a, max_q_len=128, backend="xla"))
+        split = jax.jit(
+            lambda *a, n=long: paged_attention(*a, max_q_len=128, backend="xla", max_long_seqs=n)
+        )
+        same = float(jnp.max(jnp.abs(padded(*call_args) - split(*call_args))))
+        times: dict[str, list[float]] = {"padded": [], "split": []}
+        for _ in range(args.repeats):  # alternate, so that drift falls on both alike
+            for name, fn in (("padded", padded), ("split", split)):
+                times[name] += time_call(lambda f=fn, a=call_args: f(*a), 1, 1)
+        p, s = statistics.median(times["padded"]), statistics.median(times["split"])
+        row = {
+            "batch": batch,
+            "long_seqs": long,
+            "padded_ms": round(p * 1e3, 4),
+            "split_ms": round(s * 1e3, 4),
+            "split_over_padded": round(s / p, 4),
+            "max_abs_difference": same,
+        }
+        rows.append(row)
+        print(
+            f"mixed  batch {batch:3d}  long {long}  padded {row['padded_ms']:8.3f} ms  "
+            f"split {row['split_ms']:8.3f} ms  ratio {row['split_over_padded']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
 # Section name -> function of the parsed args returning the section's JSON value.
 SECTIONS: dict[str, Callable[[argparse.Namespace], object]] = {
     "attention": bench_attention,
+    "mixed": bench_mixed,
 }
 
 

@@ -103,10 +103,13 @@ def paged_attention(
     max_q_len: int | None = None,
     soft_cap: float | None = None,
     backend: str = "xla",
+    max_long_seqs: int | None = None,
 ) -> jax.Array:
     """Ragged paged attention (contract in `paged_attention.py`), on the chosen backend.
 
     `max_q_len` (static) bounds the query length of every sequence; None means num_tokens.
+    `max_long_seqs` (static, optional) bounds how many sequences have more than one query
+    token: the XLA backend then pads only those to `max_q_len` (the Pallas kernel needs no hint).
     Works traced (inside a stage's jit) and eagerly.
     """
     if backend not in BACKENDS:
@@ -128,6 +131,7 @@ def paged_attention(
             sm_scale=sm_scale,
             max_q_len=max_q_len,
             soft_cap=soft_cap,
+            max_long_seqs=max_long_seqs,
         )
     from pipelive_jax.kernels.pallas_attention import paged_attention_pallas
 

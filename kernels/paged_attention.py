@@ -69,12 +69,18 @@ def paged_attention_xla(
     max_q_len: int,
     soft_cap: float | None = None,
     chunk_tokens: int | None = None,
+    max_long_seqs: int | None = None,
 ) -> jax.Array:
     """XLA implementation of the ragged paged-attention contract (module docstring).
 
     `max_q_len` (static) bounds every sequence's query length in this batch; `chunk_tokens`
     (static, rounded to whole pages) is how many cache positions one loop iteration reads
     (None: DECODE_CHUNK_TOKENS for decode batches, CHUNK_TOKENS otherwise).
+
+    `max_long_seqs` (static, optional) promises that at most that many sequences have more than
+    one query token. A mixed step (a prefill chunk or two among many decodes) then runs every
+    sequence's last token through the decode path and only those sequences through the padded
+    `max_q_len` layout, instead of padding every decode to a prefill chunk's length.
     """
     if max_q_len == 1:
         return _decode_attention_xla(
@@ -89,8 +95,70 @@ def paged_attention_xla(
             soft_cap=soft_cap,
             chunk_tokens=DECODE_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
         )
-    if chunk_tokens is None:
-        chunk_tokens = CHUNK_TOKENS
+    num_tokens = q.shape[0]
+    max_seqs = block_tables.shape[0]
+    chunk = CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
+    seq_valid = jnp.arange(max_seqs, dtype=jnp.int32) < num_seqs
+    q_lens = jnp.where(seq_valid, cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [S]
+    kv_lens = jnp.where(seq_valid, kv_lens, 0)
+    valid_tok = jnp.arange(num_tokens) < cu_q_lens[num_seqs]
+
+    if max_long_seqs is None or max_long_seqs >= max_seqs:
+        out = _padded_rows_attention(
+            q, k_pages, v_pages, cu_q_lens[:-1], q_lens, kv_lens, block_tables,
+            sm_scale=sm_scale, max_q_len=max_q_len, soft_cap=soft_cap, chunk_tokens=chunk,
+        )  # fmt: skip
+        # Padded -> packed tokens.
+        seq, jt = _token_to_seq(cu_q_lens, num_tokens)
+        res = out[seq, jnp.clip(jt, 0, max_q_len - 1)]
+        return jnp.where(valid_tok[:, None, None], res, 0.0).astype(q.dtype)
+
+    # Split: every sequence's last token as a decode, then the long sequences' chunks.
+    dec = _decode_attention_xla(
+        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
+        sm_scale=sm_scale, soft_cap=soft_cap,
+        chunk_tokens=DECODE_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
+    )  # fmt: skip
+    r = max(1, max_long_seqs)
+    long = q_lens > 1
+    (rows,) = jnp.nonzero(long, size=r, fill_value=0)
+    row_ok = jnp.arange(r) < jnp.sum(long)
+    starts = cu_q_lens[rows]
+    lens = jnp.where(row_ok, q_lens[rows], 0)
+    out = _padded_rows_attention(
+        q, k_pages, v_pages, starts, lens, jnp.where(row_ok, kv_lens[rows], 0),
+        block_tables[rows], sm_scale=sm_scale, max_q_len=max_q_len, soft_cap=soft_cap,
+        chunk_tokens=chunk,
+    )  # fmt: skip  # [R, Qm, Hq, D]
+    j = jnp.arange(max_q_len, dtype=jnp.int32)
+    dest = jnp.where(j[None, :] < lens[:, None], starts[:, None] + j[None, :], num_tokens)
+    merged = dec.astype(jnp.float32).at[dest.reshape(-1)].set(
+        out.reshape(-1, *out.shape[2:]), mode="drop"
+    )
+    return jnp.where(valid_tok[:, None, None], merged, 0.0).astype(q.dtype)
+
+
+def _padded_rows_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    starts: jax.Array,
+    q_lens: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    *,
+    sm_scale: float,
+    max_q_len: int,
+    soft_cap: float | None,
+    chunk_tokens: int,
+) -> jax.Array:
+    """Attention for R rows (sequences), each's query chunk padded to `max_q_len`.
+
+    starts [R] first packed token of each row; q_lens [R] its tokens (0: an empty row);
+    kv_lens [R] cached tokens including the chunk (0 for empty rows); block_tables [R, M].
+    Returns out [R, max_q_len, q_heads, head_dim] float32 (padding positions: zero or junk).
+    """
     num_tokens, q_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = block_tables.shape
@@ -102,33 +170,28 @@ def paged_attention_xla(
         block_tables = jnp.pad(block_tables, ((0, 0), (0, n_max * chunk - pages_per_seq)))
     ct = chunk * page_size  # cache positions per iteration
 
-    num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
-    seq_valid = jnp.arange(max_seqs, dtype=jnp.int32) < num_seqs
-    q_lens = jnp.where(seq_valid, cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [S]
-    kv_lens = jnp.where(seq_valid, kv_lens, 0)
-
-    # Packed tokens -> [Hkv, S, G * Qm, D], rows ordered (g, j).
+    # Packed tokens -> [Hkv, R, G * Qm, D], rows ordered (g, j).
     j = jnp.arange(max_q_len, dtype=jnp.int32)
-    tok = jnp.clip(cu_q_lens[:-1, None] + j[None, :], 0, num_tokens - 1)  # [S, Qm]
-    q_valid = j[None, :] < q_lens[:, None]  # [S, Qm]
+    tok = jnp.clip(starts[:, None] + j[None, :], 0, num_tokens - 1)  # [R, Qm]
+    q_valid = j[None, :] < q_lens[:, None]  # [R, Qm]
     qp = q[tok].astype(jnp.float32).reshape(max_seqs, max_q_len, kv_heads, group, head_dim)
     qp = qp.transpose(2, 0, 3, 1, 4).reshape(kv_heads, max_seqs, gq, head_dim)
     # Absolute position of each query row; -1 (sees nothing) for padding rows.
-    q_pos = jnp.where(q_valid, kv_lens[:, None] - q_lens[:, None] + j[None, :], -1)  # [S, Qm]
+    q_pos = jnp.where(q_valid, kv_lens[:, None] - q_lens[:, None] + j[None, :], -1)  # [R, Qm]
     q_pos = jnp.broadcast_to(q_pos[:, None, :], (max_seqs, group, max_q_len)).reshape(
         max_seqs, gq
     )
 
     def body(i, carry):
-        m, denom, acc = carry  # [Hkv, S, GQ, 1], [Hkv, S, GQ, 1], [Hkv, S, GQ, D]
-        pages = lax.dynamic_slice_in_dim(block_tables, i * chunk, chunk, axis=1)  # [S, C]
+        m, denom, acc = carry  # [Hkv, R, GQ, 1], [Hkv, R, GQ, 1], [Hkv, R, GQ, D]
+        pages = lax.dynamic_slice_in_dim(block_tables, i * chunk, chunk, axis=1)  # [R, C]
         k = k_pages[:, pages].reshape(kv_heads, max_seqs, ct, head_dim).astype(jnp.float32)
         v = v_pages[:, pages].reshape(kv_heads, max_seqs, ct, head_dim).astype(jnp.float32)
-        s = jnp.einsum("hsqd,hskd->hsqk", qp, k) * sm_scale  # [Hkv, S, GQ, ct]
+        s = jnp.einsum("hsqd,hskd->hsqk", qp, k) * sm_scale  # [Hkv, R, GQ, ct]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = i * ct + jnp.arange(ct, dtype=jnp.int32)
-        in_seq = kv_pos[None, :] < kv_lens[:, None]  # [S, ct]
+        in_seq = kv_pos[None, :] < kv_lens[:, None]  # [R, ct]
         mask = ((kv_pos[None, None, :] <= q_pos[:, :, None]) & in_seq[:, None, :])[None]
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
@@ -149,13 +212,7 @@ def paged_attention_xla(
     _, denom, acc = lax.fori_loop(0, n_chunks, body, init)
     out = acc / jnp.where(denom == 0.0, 1.0, denom)
     out = out.reshape(kv_heads, max_seqs, group, max_q_len, head_dim)
-    out = out.transpose(1, 3, 0, 2, 4).reshape(max_seqs, max_q_len, q_heads, head_dim)
-
-    # Padded -> packed tokens.
-    seq, jt = _token_to_seq(cu_q_lens, num_tokens)
-    valid_tok = jnp.arange(num_tokens) < cu_q_lens[num_seqs]
-    res = out[seq, jnp.clip(jt, 0, max_q_len - 1)]
-    return jnp.where(valid_tok[:, None, None], res, 0.0).astype(q.dtype)
+    return out.transpose(1, 3, 0, 2, 4).reshape(max_seqs, max_q_len, q_heads, head_dim)
 
 
 def _decode_attention_xla(
@@ -182,7 +239,10 @@ def _decode_attention_xla(
     and LM head included) took 0.72-0.80x the time it took on the general path, at contexts of
     160 to 500 tokens; at 8 sequences, where the weights dominate, about the same.
 
-    Sequence i's token (if any) is packed token cu_q_lens[i]; its position is kv_lens[i] - 1.
+    Sequence i's token (if any) is packed token cu_q_lens[i + 1] - 1; its position is
+    kv_lens[i] - 1. With longer chunks in the batch (the split of `paged_attention_xla`) this is
+    each sequence's last token, and every token of a sequence gets that token's output: the
+    caller overwrites the others.
     """
     num_tokens, q_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
@@ -198,7 +258,7 @@ def _decode_attention_xla(
     seq_valid = jnp.arange(max_seqs, dtype=jnp.int32) < num_seqs
     has_tok = seq_valid & (cu_q_lens[1:] > cu_q_lens[:-1])  # [S]
     kv_lens = jnp.where(has_tok, kv_lens, 0)
-    tok = jnp.clip(cu_q_lens[:-1], 0, num_tokens - 1)  # [S]
+    tok = jnp.clip(cu_q_lens[1:] - 1, 0, num_tokens - 1)  # [S] each sequence's last token
     qp = q[tok].astype(jnp.float32).reshape(max_seqs, kv_heads, group, head_dim)
     if soft_cap is None:
         qp = qp * sm_scale  # scale the few queries once, not every chunk's scores

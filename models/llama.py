@@ -188,6 +188,7 @@ class DecoderLayer(nnx.Module):
         cfg: LlamaConfig,
         max_q_len: int,
         backend: str,
+        max_long_seqs: int | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, hidden] float32; pools [kv_heads, pages, page_size, head_dim] (the cache's
         dtype, which may differ from the weights') -> (x, k_pages, v_pages)."""
@@ -211,6 +212,7 @@ class DecoderLayer(nnx.Module):
             sm_scale=1.0 / math.sqrt(hd),
             max_q_len=max_q_len,
             backend=backend,
+            max_long_seqs=max_long_seqs,
         )
         x = x + self.o_proj(attn.reshape(t, cfg.num_heads * hd))
         y = self.post_norm(x)
@@ -389,8 +391,11 @@ def stage_forward(
     *,
     max_q_len: int,
     backend: str,
+    max_long_seqs: int | None = None,
 ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     """One pipeline stage's step: embed? + layers + head?  (pure; jitted by the executor).
+
+    `max_q_len` and `max_long_seqs` are the attention's static bounds (`kernels.paged_attention`).
 
     x: token ids [T] int32 on the first stage, hidden [T, hidden] float32 otherwise.
     kv: per layer of the stage, (k_pages, v_pages) [kv_heads, pages, page_size, head_dim].
@@ -404,7 +409,16 @@ def stage_forward(
     for st, (k_pages, v_pages) in zip(params.layers, kv, strict=True):
         layer = nnx.merge(defs.layer_def, st)
         h, k_pages, v_pages = layer(
-            h, k_pages, v_pages, meta, cos, sin, cfg=cfg, max_q_len=max_q_len, backend=backend
+            h,
+            k_pages,
+            v_pages,
+            meta,
+            cos,
+            sin,
+            cfg=cfg,
+            max_q_len=max_q_len,
+            backend=backend,
+            max_long_seqs=max_long_seqs,
         )
         new_kv.append((k_pages, v_pages))
     if params.head is not None:

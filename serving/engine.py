@@ -426,6 +426,12 @@ class Engine:
         max_q = max(s.num_tokens for s in seqs)
         n_b = bucket(n, 4, c.max_num_seqs)
         t_b = bucket(t, max(8, n_b))
+        # A mixed step (prefill chunks among decodes) tells the XLA attention how many rows are
+        # chunks, so that it pads only those to max_q_len; the Pallas kernel needs no hint.
+        long_b: int | None = None
+        if max_q > 1 and self.backend == "xla":
+            long_b = bucket(sum(1 for s in seqs if s.num_tokens > 1), 1, n_b)
+            long_b = None if long_b >= n_b else long_b
         # The block table is always max_model_len wide: attention loops over the real context
         # (both backends stop at the longest kv_len), so a narrower table would save nothing but
         # cost a compiled function per width.
@@ -434,6 +440,7 @@ class Engine:
             max_seqs=n_b,
             pages_per_seq=-(-c.max_model_len // c.page_size),
             max_q_len=bucket(max_q, 1, t_b),
+            long_seqs=long_b,
         )
         if c.background_compile or self.shapes_frozen:
             shape = self._compiled_shape(shape)
@@ -495,6 +502,10 @@ class Engine:
             and s.pages_per_seq == exact.pages_per_seq
             and s.num_tokens >= exact.num_tokens
             and s.max_q_len >= exact.max_q_len
+            and (
+                s.long_seqs is None
+                or (exact.long_seqs is not None and s.long_seqs >= exact.long_seqs)
+            )
             and all(self.cache.has(st, s) for st in stages)
         ]
         if not covering:

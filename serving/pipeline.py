@@ -67,6 +67,9 @@ class BatchShape:
     max_seqs: int  # N: sequence rows, padded
     pages_per_seq: int  # M: block table width
     max_q_len: int  # longest query chunk of a sequence
+    # Most sequences with more than one token (prefill chunks), when fewer than max_seqs: the
+    # XLA attention then pads only those to max_q_len. None: no bound (every row may be long).
+    long_seqs: int | None = None
 
 
 @dataclass
@@ -100,10 +103,23 @@ class StepBatch:
         )
 
 
-@partial(jax.jit, static_argnames=("defs", "max_q_len", "backend"), donate_argnums=(2,))
-def _stage_step(defs, params, kv, meta, x, *, max_q_len, backend):
+@partial(
+    jax.jit,
+    static_argnames=("defs", "max_q_len", "backend", "max_long_seqs"),
+    donate_argnums=(2,),
+)
+def _stage_step(defs, params, kv, meta, x, *, max_q_len, backend, max_long_seqs=None):
     """stage_forward, plus the greedy argmax on the last stage (so greedy steps move ints)."""
-    kv, out = stage_forward(defs, params, kv, meta, x, max_q_len=max_q_len, backend=backend)
+    kv, out = stage_forward(
+        defs,
+        params,
+        kv,
+        meta,
+        x,
+        max_q_len=max_q_len,
+        backend=backend,
+        max_long_seqs=max_long_seqs,
+    )
     if params.head is not None:
         return kv, (out, jnp.argmax(out, axis=-1).astype(jnp.int32))
     return kv, out
@@ -127,9 +143,10 @@ class StageRuntime:
         return tuple(range(self.spec.start, self.spec.end))
 
 
-def shape_order(s: BatchShape) -> tuple[int, int, int, int]:
+def shape_order(s: BatchShape) -> tuple[int, int, int, int, int]:
     """The order shapes are compiled in (smallest first), wherever a set of them is compiled."""
-    return (s.num_tokens, s.max_seqs, s.max_q_len, s.pages_per_seq)
+    long = s.max_seqs if s.long_seqs is None else s.long_seqs
+    return (s.num_tokens, s.max_seqs, s.max_q_len, long, s.pages_per_seq)
 
 
 @dataclass(frozen=True)
@@ -286,7 +303,14 @@ class CompileCache:
         else:
             x = jax.ShapeDtypeStruct((t, cfg.hidden_size), jnp.float32, sharding=sh)
         lowered = _stage_step.lower(
-            self.defs, params, kv, meta, x, max_q_len=shape.max_q_len, backend=self.backend
+            self.defs,
+            params,
+            kv,
+            meta,
+            x,
+            max_q_len=shape.max_q_len,
+            backend=self.backend,
+            max_long_seqs=shape.long_seqs,
         )
         compiled = lowered.compile()
         self.compiles += 1

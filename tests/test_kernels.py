@@ -183,7 +183,13 @@ def ragged_batches(
 
 
 @functools.cache
-def _attention_fn(backend: str, sm_scale: float, max_q_len: int, soft_cap: float | None):
+def _attention_fn(
+    backend: str,
+    sm_scale: float,
+    max_q_len: int,
+    soft_cap: float | None,
+    max_long_seqs: int | None = None,
+):
     return jax.jit(
         functools.partial(
             paged_attention,
@@ -191,13 +197,16 @@ def _attention_fn(backend: str, sm_scale: float, max_q_len: int, soft_cap: float
             max_q_len=max_q_len,
             soft_cap=soft_cap,
             backend=backend,
+            max_long_seqs=max_long_seqs,
         )
     )
 
 
-def _check_against_reference(batch: RaggedBatch, cfg: AttnConfig, backend: str) -> None:
+def _check_against_reference(
+    batch: RaggedBatch, cfg: AttnConfig, backend: str, max_long_seqs: int | None = None
+) -> None:
     sm_scale = 1.0 / math.sqrt(cfg.head_dim)
-    fn = _attention_fn(backend, sm_scale, cfg.max_q_len, cfg.soft_cap)
+    fn = _attention_fn(backend, sm_scale, cfg.max_q_len, cfg.soft_cap, max_long_seqs)
     out = fn(*batch.args())
     assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
     out = np.asarray(out.astype(jnp.float32))
@@ -278,6 +287,26 @@ def test_xla_ignores_nan_in_stale_slots(cfg: AttnConfig) -> None:
     @given(batch=ragged_batches(cfg, stale_fill=np.nan))
     def check(batch: RaggedBatch) -> None:
         _check_against_reference(batch, cfg, "xla")
+
+    check()
+
+
+@pytest.mark.parametrize("stale_fill", [100.0, np.nan], ids=["garbage", "nan"])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2]], ids=["p16-g3", "p32-cap"])
+def test_xla_split_of_long_sequences_matches_reference(cfg: AttnConfig, stale_fill) -> None:
+    """With `max_long_seqs` below the row count, the XLA backend runs every sequence's last
+    token through the decode path and pads only the sequences with longer chunks: the same
+    output as the reference, for any bound at or above the number of such sequences."""
+
+    @_hypothesis_settings("xla")
+    @given(batch=ragged_batches(cfg, stale_fill=stale_fill), extra=st.integers(0, 2))
+    def check(batch: RaggedBatch, extra: int) -> None:
+        n = int(batch.num_seqs)
+        n_long = int(np.sum(np.diff(batch.cu_q_lens)[:n] > 1))
+        bound = min(cfg.max_seqs - 1, max(1, n_long + extra))
+        if n_long > bound:
+            return  # more long sequences than a split of fewer rows than max_seqs can take
+        _check_against_reference(batch, cfg, "xla", max_long_seqs=bound)
 
     check()
 
