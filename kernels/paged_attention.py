@@ -78,9 +78,10 @@ def paged_attention_xla(
     (None: DECODE_CHUNK_TOKENS for decode batches, CHUNK_TOKENS otherwise).
 
     `max_long_seqs` (static, optional) promises that at most that many sequences have more than
-    one query token. A mixed step (a prefill chunk or two among many decodes) then runs every
-    sequence's last token through the decode path and only those sequences through the padded
-    `max_q_len` layout, instead of padding every decode to a prefill chunk's length.
+    one query token. A mixed step (a prefill chunk or two among many decodes) then runs the
+    one-token sequences through the decode path and only the others through the padded
+    `max_q_len` layout, instead of padding every decode to a prefill chunk's length. A broken
+    promise gives wrong output for the long sequences past the bound (the engine asserts it).
     """
     if max_q_len == 1:
         return _decode_attention_xla(
@@ -114,14 +115,15 @@ def paged_attention_xla(
         res = out[seq, jnp.clip(jt, 0, max_q_len - 1)]
         return jnp.where(valid_tok[:, None, None], res, 0.0).astype(q.dtype)
 
-    # Split: every sequence's last token as a decode, then the long sequences' chunks.
+    # Split: the one-token sequences as decodes (the long ones get kv_len 0 there, so that the
+    # decode loop stops at the longest decode's context), then the long sequences' chunks.
+    long = q_lens > 1
     dec = _decode_attention_xla(
-        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
+        q, k_pages, v_pages, jnp.where(long, 0, kv_lens), block_tables, cu_q_lens, num_seqs,
         sm_scale=sm_scale, soft_cap=soft_cap,
         chunk_tokens=DECODE_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
     )  # fmt: skip
     r = max(1, max_long_seqs)
-    long = q_lens > 1
     (rows,) = jnp.nonzero(long, size=r, fill_value=0)
     row_ok = jnp.arange(r) < jnp.sum(long)
     starts = cu_q_lens[rows]
@@ -240,9 +242,8 @@ def _decode_attention_xla(
     160 to 500 tokens; at 8 sequences, where the weights dominate, about the same.
 
     Sequence i's token (if any) is packed token cu_q_lens[i + 1] - 1; its position is
-    kv_lens[i] - 1. With longer chunks in the batch (the split of `paged_attention_xla`) this is
-    each sequence's last token, and every token of a sequence gets that token's output: the
-    caller overwrites the others.
+    kv_lens[i] - 1. In the split of `paged_attention_xla` longer sequences come with kv_len 0
+    (output zero) and the caller overwrites their tokens.
     """
     num_tokens, q_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape

@@ -155,6 +155,18 @@ def model_shape(defs: ModelDefs, kv_dtype: Any = None) -> ModelShape:
     )
 
 
+def long_needed(shape: BatchShape) -> int:
+    """Sequences with more than one token a batch of `shape` may have (0 for decode shapes)."""
+    if shape.max_q_len == 1:
+        return 0
+    return shape.max_seqs if shape.long_seqs is None else shape.long_seqs
+
+
+def long_capacity(shape: BatchShape) -> int:
+    """How many such sequences a compiled `shape` serves correctly (its attention's bound)."""
+    return shape.max_seqs if shape.long_seqs is None else shape.long_seqs
+
+
 def resolve_kv_dtype(option: str, model_dtype: str, platform: str) -> Any:
     """The KV cache dtype for `EngineConfig.kv_cache_dtype` (see there for "auto")."""
     if option == "auto":
@@ -430,8 +442,11 @@ class Engine:
         # chunks, so that it pads only those to max_q_len; the Pallas kernel needs no hint.
         long_b: int | None = None
         if max_q > 1 and self.backend == "xla":
-            long_b = bucket(sum(1 for s in seqs if s.num_tokens > 1), 1, n_b)
+            n_long = sum(1 for s in seqs if s.num_tokens > 1)
+            long_b = bucket(n_long, 1, n_b)
             long_b = None if long_b >= n_b else long_b
+            # A bound below the real count would give those sequences wrong attention.
+            assert long_b is None or n_long <= long_b, (n_long, long_b)
         # The block table is always max_model_len wide: attention loops over the real context
         # (both backends stop at the longest kv_len), so a narrower table would save nothing but
         # cost a compiled function per width.
@@ -502,17 +517,14 @@ class Engine:
             and s.pages_per_seq == exact.pages_per_seq
             and s.num_tokens >= exact.num_tokens
             and s.max_q_len >= exact.max_q_len
-            and (
-                s.long_seqs is None
-                or (exact.long_seqs is not None and s.long_seqs >= exact.long_seqs)
-            )
+            and long_capacity(s) >= long_needed(exact)
             and all(self.cache.has(st, s) for st in stages)
         ]
         if not covering:
             return exact
         if not self.shapes_frozen:
             self._compile_later(exact, list(stages))
-        return min(covering, key=lambda s: (s.num_tokens, s.max_q_len))
+        return min(covering, key=lambda s: (s.num_tokens, s.max_q_len, long_capacity(s)))
 
     def _compile_later(self, shape: BatchShape, stages: list[StageRuntime]) -> None:
         """Compiles `shape` for `stages` on a background thread (one at a time, each shape

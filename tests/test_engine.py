@@ -813,3 +813,19 @@ def test_engine_config_and_options_are_exclusive(tiny):
 
     with pytest.raises(ConfigError, match="either config= or engine options"):
         Engine(tiny, None, EngineConfig(**TINY_OPTIONS), page_size=8)
+
+
+def test_covering_rule_counts_prefill_rows_and_lets_decodes_borrow_mixed_shapes():
+    """`background_compile` may run a batch on a compiled shape only if that shape's attention
+    bound covers the batch's sequences with more than one token; a decode step has none, so a
+    compiled mixed shape covers it, while a mixed batch needs a bound at least as high."""
+    from pipelive_jax.serving.engine import long_capacity, long_needed
+    from pipelive_jax.serving.pipeline import BatchShape
+
+    decode = BatchShape(num_tokens=8, max_seqs=8, pages_per_seq=4, max_q_len=1)
+    mixed2 = BatchShape(num_tokens=128, max_seqs=8, pages_per_seq=4, max_q_len=64, long_seqs=2)
+    mixed4 = dataclasses.replace(mixed2, long_seqs=4)
+    unbounded = dataclasses.replace(mixed2, long_seqs=None)
+    assert long_needed(decode) == 0 <= long_capacity(mixed2)
+    assert long_capacity(mixed2) < long_needed(mixed4) <= long_capacity(unbounded) == 8
+    assert long_needed(unbounded) == 8 > long_capacity(mixed4)
