@@ -42,6 +42,8 @@ except ImportError:  # not pip-installed: map the source tree as pyproject's pac
 
     pipelive_jax.__path__.append(str(ROOT))
 
+from kernel_bench import time_call  # noqa: E402  (benchmarks/, beside this script)
+
 from pipelive_jax.kernels import paged_attention  # noqa: E402
 from pipelive_jax.kernels.pallas_attention import DEFAULT_BLOCK_SIZES  # noqa: E402
 
@@ -117,17 +119,6 @@ def make_inputs(case: Case, dtype: str, seed: int = 0) -> tuple[tuple[jax.Array,
     )
     kv_bytes = 2 * sum(case.kv_lens) * case.kv_heads * case.head_dim * dt.itemsize
     return args, kv_bytes
-
-
-def time_call(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def run_case(case: Case, dtype: str, pallas_backend: str, args: argparse.Namespace) -> dict:

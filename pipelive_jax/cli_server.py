@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelive_jax.config import KV_CACHE_DTYPES
 from pipelive_jax.errors import PipeliveError
 
 DEFAULT_DEVICES = 8
@@ -80,7 +81,7 @@ def register(subparsers: Any) -> None:
     s.add_argument(
         "--kv-cache-dtype",
         default=None,
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=KV_CACHE_DTYPES,
         help="KV cache dtype (default auto: the model's, float32 on CPU)",
     )
     s.add_argument(

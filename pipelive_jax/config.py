@@ -64,6 +64,8 @@ LENGTH_DISTS = ("fixed", "uniform", "lognormal")
 PHASE_KINDS = ("prefill", "decode")
 RECONFIG_MODES = ("live", "stop_and_copy", "restart")
 DTYPES = ("float32", "bfloat16", "float16")
+# The engine's kv_cache_dtype: "auto" (the model's dtype; float32 on CPU) or a dtype.
+KV_CACHE_DTYPES = ("auto", *DTYPES)
 
 # Layers of the registry models, so that a config's plans are checked against the model without
 # importing JAX (models.registry imports Flax). Other models are checked when they are loaded.
@@ -753,7 +755,7 @@ def _read_kv(r: _Reader, t: dict[str, Any]) -> KVSection:
         kv_resize=r.get(t, at, "kv_resize", "bool", True),
         page_granule=r.get(t, at, "page_granule", "int", 16, check=_positive),
         kv_cache_dtype=r.get(
-            t, at, "kv_cache_dtype", "str", "auto", choices=("auto", *DTYPES)
+            t, at, "kv_cache_dtype", "str", "auto", choices=KV_CACHE_DTYPES
         ),
     )
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipelive_jax.config import DTYPES
+from pipelive_jax.config import KV_CACHE_DTYPES
 from pipelive_jax.errors import ConfigError, ReconfigError, RequestError
 from pipelive_jax.kernels import BACKENDS, default_backend
 from pipelive_jax.kv.pages import PageTable
@@ -53,9 +53,6 @@ from pipelive_jax.serving.sampling import SamplingParams, sample_token
 from pipelive_jax.serving.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pipelive.engine")
-
-
-KV_CACHE_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass

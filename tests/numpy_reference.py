@@ -34,6 +34,11 @@ ArrayF = np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 
+def max_scaled_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max(1, max |want|): absolute error in units of the logit scale."""
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
 def rms_norm(x: ArrayF, weight: ArrayF, eps: float) -> ArrayF:
     """RMSNorm over the last axis. x: [T, D], weight: [D] -> [T, D] (x's dtype)."""
     variance = np.mean(x * x, axis=-1, keepdims=True)

@@ -32,11 +32,6 @@ N_NEW = 8
 GREEDY = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
 
 
-def max_scaled_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max(1, max |want|): absolute error in units of the logit scale."""
-    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
-
-
 def as_bf16(loaded: LoadedModel) -> LoadedModel:
     cfg = dataclasses.replace(loaded.config, dtype="bfloat16")
     model = LlamaModel.from_hf_state_dict(cfg, loaded.model.hf_state_dict())
@@ -80,8 +75,8 @@ def test_tiny_bf16_matches_the_mixed_precision_reference(tiny_bf16, length):
     sd = tiny_bf16.model.hf_state_dict()
     want = ref.forward_hf(sd, dataclasses.asdict(cfg), ids, round_to=ml_dtypes.bfloat16)
     unrounded = ref.forward_hf(sd, dataclasses.asdict(cfg), ids)
-    assert max_scaled_error(got, want) < 1e-5
-    assert max_scaled_error(unrounded, want) > 1e-3
+    assert ref.max_scaled_error(got, want) < 1e-5
+    assert ref.max_scaled_error(unrounded, want) > 1e-3
 
 
 @pytest.mark.smollm2
@@ -96,7 +91,7 @@ def test_smollm2_bf16_stays_close_to_the_reference(smol_bf16):
     sd = smol_bf16.model.hf_state_dict()
     got = np.asarray(full_sequence_logits(smol_bf16.model, ids))
     want = ref.forward_hf(sd, dataclasses.asdict(cfg), ids, round_to=ml_dtypes.bfloat16)
-    assert max_scaled_error(got, want) < 1.5e-2
+    assert ref.max_scaled_error(got, want) < 1.5e-2
     assert np.array_equal(np.argmax(got, -1), np.argmax(want, -1))
 
 

@@ -65,11 +65,6 @@ def check_state_dict(sd: dict[str, np.ndarray], config) -> None:
         assert sd[name].dtype == np.float32, (name, sd[name].dtype)
 
 
-def max_scaled_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max(1, max |want|): absolute error in units of the logit scale."""
-    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
-
-
 def random_ids(vocab: int, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
 
@@ -121,7 +116,7 @@ def test_tiny_random_matches_reference(tiny_lm, length):
     want = ref.forward_hf(tiny_lm.model.hf_state_dict(), reference_cfg(cfg), ids)
     assert got.shape == (length, cfg.vocab_size)
     assert got.dtype == np.float32
-    assert max_scaled_error(got, want) < TINY_TOL
+    assert ref.max_scaled_error(got, want) < TINY_TOL
 
 
 def llama3_scaling_for(config) -> dict:
@@ -167,11 +162,11 @@ def test_tiny_variants_match_reference(tiny_lm, variant):
     ids = random_ids(cfg.vocab_size, 40, seed=3)
     got = np.asarray(full_sequence_logits(model, ids))
     want = ref.forward_hf(sd, reference_cfg(cfg), ids)
-    assert max_scaled_error(got, want) < TINY_TOL
+    assert ref.max_scaled_error(got, want) < TINY_TOL
     if variant == "llama3_rope":
         # The scaling must matter at these positions, or the comparison above proves nothing.
         unscaled = ref.forward_hf(sd, {**reference_cfg(cfg), "rope_scaling": None}, ids)
-        assert max_scaled_error(unscaled, want) > 100 * TINY_TOL
+        assert ref.max_scaled_error(unscaled, want) > 100 * TINY_TOL
 
 
 # ---------------------------------------------------------------------------------------------
