@@ -105,12 +105,17 @@ def live_demo(
     prompt_index: list[int] = []
 
     def top_up(limit: int | None = None) -> None:
-        while len(eng.scheduler.running) + len(eng.scheduler.waiting) < concurrency:
-            if limit is not None and len(ids) >= limit:
-                return
-            k = len(ids) % len(prompts)
-            ids.append(eng.add_request(prompts[k], params))
-            prompt_index.append(k)
+        """Adds one request per step while fewer than `concurrency` are in flight. One, not a
+        cohort: requests of equal length that start together also finish together, and a switch
+        landing between two cohorts would find no sequence holding pages to move. Staggered
+        starts keep some in flight at every step."""
+        if len(eng.scheduler.running) + len(eng.scheduler.waiting) >= concurrency:
+            return
+        if limit is not None and len(ids) >= limit:
+            return
+        k = len(ids) % len(prompts)
+        ids.append(eng.add_request(prompts[k], params))
+        prompt_index.append(k)
 
     # The reference: every prompt once, on this engine before it reconfigures (the same
     # compiled functions and batch shapes then serve the live run: nothing compiles twice).
@@ -124,9 +129,9 @@ def live_demo(
     prompt_index.clear()
     during: set[str] = set()
 
-    top_up()
     start = eng.step_count
     while eng.step_count < start + STEPS_BEFORE:
+        top_up()
         eng.step()
     con.print(f"serving on {eng.plan} ... reconfiguring live to {target['stages']}")
     handle = eng.reconfigure(target, mode="live", pause_budget_ms=10, verify=True)
