@@ -228,10 +228,17 @@ class LMHead(nnx.Module):
         self.weight = nnx.Param(weight)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        """h [R, hidden] float32 -> logits [R, vocab] float32 (bf16 weights: bf16 inputs, f32 sums)."""
+        """h [R, hidden] float32 -> logits [R, vocab] float32 (bf16 weights: bf16 inputs, f32 sums).
+
+        One row (a one-sequence batch) is padded to two: XLA on CPU turns a one-row bf16
+        product into a matrix-vector one that first converts the whole [vocab, hidden] weight
+        to float32, 39 ms for SmolLM2's against 3 ms for two rows."""
         w = self.weight[...]
         y = self.norm(h).astype(w.dtype)
-        return jnp.einsum("rh,vh->rv", y, w, preferred_element_type=jnp.float32)
+        r = y.shape[0]
+        if r == 1 and w.dtype != jnp.float32:
+            y = jnp.pad(y, ((0, 1), (0, 0)))
+        return jnp.einsum("rh,vh->rv", y, w, preferred_element_type=jnp.float32)[:r]
 
 
 class LlamaModel(nnx.Module):

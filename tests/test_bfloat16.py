@@ -174,3 +174,27 @@ def test_engine_refuses_an_unknown_kv_cache_dtype(tiny):
 def test_llm_refuses_a_dtype_other_than_the_loaded_models(tiny):
     with pytest.raises(ConfigError, match="dtype='bfloat16' but the loaded model"):
         LLM(tiny, dtype="bfloat16")
+
+
+def test_a_one_row_bf16_head_multiplies_bf16_without_widening_the_weight(tiny_bf16):
+    """One sequence's logits: the product stays bf16 x bf16 (XLA on CPU would otherwise convert
+    the whole [vocab, hidden] weight to float32 at every step) and equals the reference."""
+    from flax import nnx
+
+    from pipelive_jax.models.llama import split_model
+
+    cfg = tiny_bf16.config
+    defs, _, _, head_state = split_model(tiny_bf16.model)
+    h = np.random.default_rng(0).standard_normal((1, cfg.hidden_size)).astype(np.float32)
+    fn = jax.jit(lambda st, x: nnx.merge(defs.head_def, st)(x))
+    hlo = fn.lower(head_state, h).compile().as_text()
+    widened = f"f32[{cfg.vocab_size},{cfg.hidden_size}]"
+    assert not [ln for ln in hlo.splitlines() if "convert" in ln and widened in ln]
+
+    head = tiny_bf16.model.head
+    w = np.asarray(head.weight[...]).astype(np.float64)
+    g = np.asarray(head.norm.weight[...]).astype(np.float64)
+    y = h.astype(np.float64)
+    y = y / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + cfg.rms_norm_eps) * g
+    y = y.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(fn(head_state, h)), y @ w.T, rtol=1e-4, atol=1e-5)
