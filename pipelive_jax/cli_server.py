@@ -13,6 +13,7 @@ reconfiguration schedule or [bench]. Flags override the file.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -97,6 +98,13 @@ def register(subparsers: Any) -> None:
         help="on SIGINT/SIGTERM, seconds in-flight requests may run on (default 30)",
     )
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="default 1 MiB")
+    s.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="server log level (default warning; info also logs each compile and "
+        "reconfiguration phase, with times)",
+    )
     s.set_defaults(func=_cmd_serve)
 
     r = subparsers.add_parser(
@@ -172,6 +180,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pipelive_jax.cli import setup_devices
 
     settings = serve_settings(args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     setup_devices(settings.devices)
 
     from pipelive_jax.serving.server import ServerOptions, serve

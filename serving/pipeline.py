@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from pipelive_jax.models.llama import BatchMeta, ModelDefs, StageParams, stage_f
 from pipelive_jax.plan import PipelinePlan, StageSpec
 
 _COMPILE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+log = logging.getLogger("pipelive.compile")
 
 
 def start_compile_thread(target: Callable[[], None]) -> threading.Thread:
@@ -281,6 +285,7 @@ class CompileCache:
         return self.compiles - before
 
     def _compile(self, sig: _StageSignature, shape: BatchShape) -> Any:
+        t0 = time.perf_counter()
         cfg = self.defs.cfg
         sh = jax.sharding.SingleDeviceSharding(sig.device)
         params = sig.params
@@ -314,6 +319,13 @@ class CompileCache:
         )
         compiled = lowered.compile()
         self.compiles += 1
+        # Seconds of compile on the serving thread are a stall every request in flight feels:
+        # the log says which shape, for which stage, where, and how long.
+        log.info(
+            "compiled %s for layers [%d, %d) on %s, %d pages, in %.1f s (thread %s)",
+            shape, sig.start, sig.end, sig.device, sig.num_pages, time.perf_counter() - t0,
+            threading.current_thread().name,
+        )  # fmt: skip
         return compiled
 
 

@@ -794,7 +794,8 @@ def test_cli_serve_rpc_and_sigterm(tmp_path):
     token_file = tmp_path / "tok" / "rpc_token"
     config = tmp_path / "serve.toml"
     config.write_text(SERVE_CONFIG)
-    serve = ["serve", "--config", str(config), "--port", "0", "--token-file", str(token_file)]
+    serve = ["serve", "--config", str(config), "--port", "0", "--token-file", str(token_file),
+             "--log-level", "info"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelive_jax.cli_server", *serve],
         stdout=subprocess.PIPE,
@@ -859,6 +860,9 @@ def test_cli_serve_rpc_and_sigterm(tmp_path):
         t.join(timeout=60)
         rest = proc.stdout.read()
         assert "stopped" in rest and "Traceback" not in rest
+        # --log-level info: each compile is logged with its shape, layers and time.
+        log = "".join(lines) + rest
+        assert "INFO pipelive.compile: compiled BatchShape(" in log and "layers [0, 3)" in log
         assert answers and answers[0]["result"]["finish_reason"] in ("length", "abort")
     finally:
         if proc.poll() is None:

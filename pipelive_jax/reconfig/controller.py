@@ -22,6 +22,7 @@ matter of dropping the pending objects.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import traceback
@@ -44,6 +45,8 @@ from pipelive_jax.serving.pipeline import shape_order, start_compile_thread
 if TYPE_CHECKING:
     from pipelive_jax.serving.engine import Engine
     from pipelive_jax.serving.pipeline import StageRuntime
+
+log = logging.getLogger("pipelive.reconfig")
 
 PHASES = ("VALIDATE", "PREPARE", "STAGE_WEIGHTS", "PRECOPY", "PATCH", "SWITCH", "RESIZE", "DONE")
 MODES = ("live", "stop_and_copy", "restart")
@@ -308,6 +311,9 @@ class ReconfigController:
         self.report.phase_ms[self.phase] = (
             self.report.phase_ms.get(self.phase, 0.0) + (now - self._t_phase) * 1e3
         )
+        log.info("reconfiguration %s -> %s: %s done in %.1f ms, entering %s",
+                 self.report.source, self.report.target, self.phase,
+                 (now - self._t_phase) * 1e3, phase)  # fmt: skip
         self.phase = phase
         self._t_phase = now
 
