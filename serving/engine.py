@@ -703,10 +703,20 @@ class Engine:
         self._wake.set()
         return ctl.handle
 
-    def executor_shapes(self, window: int = 256) -> list[BatchShape]:
-        """Batch shapes used in the last `window` steps: what a new plan must have compiled
-        before it takes over (a shape seen later compiles on demand, outside any pause)."""
-        return [s for s, at in self._shapes_seen.items() if at >= self.step_count - window]
+    def executor_shapes(self) -> list[BatchShape]:
+        """Batch shapes the current plan serves without compiling (compiled for every stage):
+        what a new plan, or a stage's resized pools, must have compiled before taking over.
+
+        All of them, not only the recent ones: a shape last met a while ago (four prompts
+        arriving together) comes back, and on a plan without it, it compiles inline, a stall
+        of seconds for every request in flight (SmolLM2 on 3 stages: ~5 s). The new plan
+        compiles in the background, so more shapes only make PREPARE longer."""
+        stages = self.executor.stages
+        return [s for s in self.cache.shapes() if all(self.cache.has(st, s) for st in stages)]
+
+    def shapes_used(self) -> list[BatchShape]:
+        """Every batch shape a step has run on, in the order first met."""
+        return list(self._shapes_seen)
 
     # ------------------------------------------------------------------ status
 

@@ -1201,6 +1201,31 @@ def test_restart_compiles_every_shape_the_old_cache_had_in_its_pause(eng):
     assert all(eng.cache.has(st, s) for st in eng.executor.stages for s in old_shapes)
 
 
+def test_a_new_plan_compiles_every_shape_the_old_one_serves_not_only_recent_ones(tiny):
+    """A shape met long before the reconfiguration (three prompts prefilled together, then 300
+    decode-only steps) is compiled for the new plan too: when it comes back after the switch,
+    no step compiles inline. Its own engine: the shared one keeps to two shapes."""
+    llm = LLM(tiny, plan=TWO, **OPTIONS)
+    eng = llm.engine
+    ids = add(eng, PROMPTS)  # the rare shape: three prefills in one step
+    drain(eng)
+    first = outputs(eng, ids)
+    long_params = SamplingParams(max_tokens=60, ignore_eos=True)
+    for _ in range(6):  # > 256 steps of one-token prompts decoding: the decode shape only
+        add(eng, LOAD_PROMPTS[:4], long_params)
+        drain(eng)
+    served = set(eng.executor_shapes())
+    h = eng.reconfigure(THREE, mode="live")
+    run_to_done(eng, h)
+    assert h.report().ok and eng.plan == plan_of(THREE)
+    assert all(eng.cache.has(st, s) for st in eng.executor.stages for s in served)
+    before = eng.cache.compiles
+    ids = add(eng, PROMPTS)
+    drain(eng)
+    assert eng.cache.compiles == before
+    assert outputs(eng, ids) == first
+
+
 # ------------------------------------------------------------------ real weights
 
 

@@ -212,7 +212,7 @@ def compute_results(cfg: BenchConfig, rec: RunRecord, *, engine: Any = None) -> 
     if engine is not None:
         res["final_status"] = _final_status(engine)
         # every distinct batch shape compiles separately: how many the run (and warm-up) used
-        shapes = engine.executor_shapes(window=1 << 30)
+        shapes = engine.shapes_used()
         res["batch_shapes"] = sorted([list(s.__dict__.values()) for s in shapes])
     machine, git = _machine_and_git()
     res["metadata"] = {
