@@ -29,6 +29,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -286,6 +287,15 @@ class LoadRun:
         }
 
 
+SERVER_LOG: list[str] = []
+
+
+def _drain(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        SERVER_LOG.append(line.rstrip())
+
+
 def start_server(args: argparse.Namespace, token: str) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PIPELIVE_RPC_TOKEN"] = token
@@ -296,7 +306,7 @@ def start_server(args: argparse.Namespace, token: str) -> tuple[subprocess.Popen
         "--max-num-seqs", str(args.max_num_seqs),
         "--max-model-len", str(args.max_model_len),
         "--num-pages", str(args.num_pages),
-        "--request-timeout", "600",
+        "--request-timeout", "600", "--log-level", "info",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -309,6 +319,9 @@ def start_server(args: argparse.Namespace, token: str) -> tuple[subprocess.Popen
             raise RuntimeError(f"the server exited with {proc.wait()}")
         print("  server:", line.rstrip(), flush=True)
         if "listening on" in line:
+            # The server logs at info (compiles, reconfiguration phases, requests): keep its
+            # pipe drained so that it never blocks on a full one.
+            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
             return proc, line.rsplit(" ", 1)[1].strip()
     proc.kill()
     raise RuntimeError("the server did not start in 600 s")
@@ -355,10 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-        rest = proc.stdout.read() if proc.stdout else ""
-        for line in rest.splitlines():
-            print("  server:", line, flush=True)
+        time.sleep(0.5)  # the drain thread reads the last lines
+        for line in SERVER_LOG:
+            if "aiohttp.access" not in line:
+                print("  server:", line, flush=True)
     results["server"]["exit_code"] = code
+    # What compiled when (the stalls a phase's latencies show): the server's own log lines.
+    results["server"]["compile_log"] = [ln for ln in SERVER_LOG if "pipelive.compile" in ln]
+    results["server"]["reconfig_log"] = [ln for ln in SERVER_LOG if "pipelive.reconfig" in ln]
     results["machine_load_before"] = quiet
     config = {k: v for k, v in vars(args).items() if k != "name"}
     path = write_results(args.name, config, results)
