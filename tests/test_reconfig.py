@@ -1226,6 +1226,29 @@ def test_a_new_plan_compiles_every_shape_the_old_one_serves_not_only_recent_ones
     assert outputs(eng, ids) == first
 
 
+def test_a_shape_first_met_during_prepare_is_compiled_before_the_switch(tiny):
+    """PREPARE takes its list of shapes when it begins; a shape the old plan first serves
+    while PREPARE compiles (here: three prompts prefilled together) is compiled for the new
+    plan before the switch, so that no step after it compiles inline."""
+    eng = LLM(tiny, plan=TWO, **OPTIONS).engine
+    add(eng, LOAD_PROMPTS[:4], LOAD_PARAMS)  # the decode shape only
+    drain(eng)
+    h = eng.reconfigure(THREE, mode="live")
+    assert eng.reconfig.phase == "PREPARE"
+    ids = add(eng, PROMPTS)
+    eng.step()  # the new shape, compiled inline on the old plan, while PREPARE compiles
+    assert eng.reconfig is not None and eng.reconfig.phase == "PREPARE"
+    run_to_done(eng, h)
+    drain(eng)
+    first = outputs(eng, ids)
+    assert h.report().ok and eng.plan == plan_of(THREE)
+    before = eng.cache.compiles
+    ids = add(eng, PROMPTS)
+    drain(eng)
+    assert eng.cache.compiles == before
+    assert outputs(eng, ids) == first
+
+
 # ------------------------------------------------------------------ real weights
 
 

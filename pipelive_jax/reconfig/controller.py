@@ -44,7 +44,7 @@ from pipelive_jax.serving.pipeline import shape_order, start_compile_thread
 
 if TYPE_CHECKING:
     from pipelive_jax.serving.engine import Engine
-    from pipelive_jax.serving.pipeline import StageRuntime
+    from pipelive_jax.serving.pipeline import BatchShape, StageRuntime
 
 log = logging.getLogger("pipelive.reconfig")
 
@@ -618,10 +618,42 @@ class ReconfigController:
                 self._shrink(st, cap)
             self._build_pending()
             return
+        missing = self._missing_shapes()
+        if missing:
+            self._compile_missing(missing)
+            return
         self._enter("STAGE_WEIGHTS")
         self._run_hook("STAGE_WEIGHTS")
         if self.mode == "stop_and_copy":
             self._enter("SWITCH")
+
+    def _missing_shapes(self) -> list[BatchShape]:
+        """Batch shapes the old plan came to serve while PREPARE compiled (its list was taken
+        when PREPARE began) that the new stages lack. They compile before PREPARE ends: else
+        the first step to meet one on the new plan would compile it inline, for every stage."""
+        assert self._pending is not None
+        eng, stages = self.engine, self._pending.stages
+        return sorted(
+            (s for s in eng.executor_shapes() if not all(eng.cache.has(st, s) for st in stages)),
+            key=shape_order,
+        )
+
+    def _compile_missing(self, shapes: list[BatchShape]) -> None:
+        pending = self._pending
+        assert pending is not None
+        cache = self.engine.cache
+
+        def compile_them() -> None:
+            try:
+                for st in pending.stages:
+                    for shape in shapes:
+                        if self._pending is not pending:
+                            return  # rolled back meanwhile
+                        cache.get(st, shape)
+            except BaseException as e:  # noqa: BLE001 - reported by the engine thread
+                self._compile_error = e
+
+        self._compile_thread = start_compile_thread(compile_them)
 
     # ------------------------------------------------------------------ STAGE_WEIGHTS
 
