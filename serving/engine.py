@@ -437,11 +437,15 @@ class Engine:
         t_b = bucket(t, max(8, n_b))
         # A mixed step (prefill chunks among decodes) tells the XLA attention how many rows are
         # chunks, so that it pads only those to max_q_len; the Pallas kernel needs no hint.
+        # Only up to a quarter of the rows: each bound is a compiled shape of its own (on 4
+        # rows, bounds 1 and 2 and none made 9 shapes of a 4-client load, each compiled inline
+        # the first time it came), and the split saves most when chunks are few among many
+        # decodes.
         long_b: int | None = None
         if max_q > 1 and self.backend == "xla":
             n_long = sum(1 for s in seqs if s.num_tokens > 1)
             long_b = bucket(n_long, 1, n_b)
-            long_b = None if long_b >= n_b else long_b
+            long_b = None if long_b > max(1, n_b // 4) or long_b >= n_b else long_b
             # A bound below the real count would give those sequences wrong attention.
             assert long_b is None or n_long <= long_b, (n_long, long_b)
         # The block table is always max_model_len wide: attention loops over the real context

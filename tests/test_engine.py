@@ -829,3 +829,36 @@ def test_covering_rule_counts_prefill_rows_and_lets_decodes_borrow_mixed_shapes(
     assert long_needed(decode) == 0 <= long_capacity(mixed2)
     assert long_capacity(mixed2) < long_needed(mixed4) <= long_capacity(unbounded) == 8
     assert long_needed(unbounded) == 8 > long_capacity(mixed4)
+
+
+def test_mixed_steps_bound_their_prefill_rows_only_up_to_a_quarter_of_the_batch(tiny, tiny_ref):
+    """One prompt arriving among 7 decodes gets the decode path for the 7 (bound 1); three
+    arriving together exceed a quarter of the 8 rows and the whole step pads (no bound): each
+    bound is a compiled shape of its own, worth it only where chunks are few. Tokens stay
+    those of the reference either way."""
+    llm = LLM(tiny, plan=[6], max_num_seqs=8, **TINY_OPTIONS)
+    eng = llm.engine
+    used: list = []
+    run = eng.executor.run
+
+    def recording_run(batches):
+        used.extend(b.shape for b in batches)
+        return run(batches)
+
+    eng.executor.run = recording_run
+    long = SamplingParams(max_tokens=20, ignore_eos=True)
+    ids = [eng.add_request(TINY_PROMPTS[k], long) for k in (0, 1, 2, 3)]
+    for _ in range(3):
+        eng.step()
+    used.clear()
+    ids.append(eng.add_request(TINY_PROMPTS[4], GREEDY))  # 1 prefill among 4 decodes
+    eng.step()
+    assert [s.long_seqs for s in used] == [1]
+    used.clear()
+    ids += [eng.add_request(TINY_PROMPTS[k], GREEDY) for k in (5, 6, 7)]  # 3 among 5
+    eng.step()
+    assert [(s.max_seqs, s.long_seqs) for s in used] == [(8, None)]
+    while eng.has_unfinished():
+        eng.step()
+    for rid, k in zip(ids[4:], (4, 5, 6, 7), strict=True):
+        assert eng.get_output(rid).token_ids == tiny_ref[k]
