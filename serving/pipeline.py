@@ -274,9 +274,9 @@ class CompileCache:
         """Compiles every batch shape (default: every shape compiled for some stage) for every
         stage signature this cache has compiled for, or inherited; returns how many compiled.
 
-        Which shapes a reconfiguration compiles for its new stages depends on the shapes served
-        just before it, so on timing; a benchmark's rehearsal ends with this so that its
-        measured run meets no compile, whatever the timing (`pipelive bench`)."""
+        Which shapes a reconfiguration compiles for its new stages depends on the shapes the
+        plan before it had met, so on timing; a benchmark's rehearsal ends with this so that
+        its measured run meets no compile, whatever the timing (`pipelive bench`)."""
         wanted = sorted(self.shapes() if shapes is None else set(shapes), key=shape_order)
         before = self.compiles
         for sig in list(self._stages.values()):
