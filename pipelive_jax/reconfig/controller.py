@@ -613,7 +613,20 @@ class ReconfigController:
         if self._compile_error is not None:
             raise ReconfigError(f"compiling the new stages failed: {self._compile_error}")
         if self._shrink_to is not None:
-            shrink, self._shrink_to = self._shrink_to, None
+            # Shapes met while the shrunk capacity compiled must be there too, or the old
+            # stages would compile them inline at that capacity (and the new plan's list,
+            # taken from what the shrunk stages serve, would lack them).
+            eng, shrink = self.engine, self._shrink_to
+            later = [
+                (st, cap, s)
+                for st, cap in shrink
+                for s in eng.executor_shapes()
+                if not eng.cache.has(st, s, cap)
+            ]
+            if later:
+                self._compile_shrunk_missing(later)
+                return
+            self._shrink_to = None
             for st, cap in shrink:
                 self._shrink(st, cap)
             self._build_pending()
@@ -626,6 +639,20 @@ class ReconfigController:
         self._run_hook("STAGE_WEIGHTS")
         if self.mode == "stop_and_copy":
             self._enter("SWITCH")
+
+    def _compile_shrunk_missing(self, todo: list[tuple[StageRuntime, int, BatchShape]]) -> None:
+        cache = self.engine.cache
+
+        def compile_them() -> None:
+            try:
+                for st, cap, shape in todo:
+                    if self.abort_requested:
+                        return
+                    cache.get(st, shape, cap)
+            except BaseException as e:  # noqa: BLE001 - reported by the engine thread
+                self._compile_error = e
+
+        self._compile_thread = start_compile_thread(compile_them)
 
     def _missing_shapes(self) -> list[BatchShape]:
         """Batch shapes the old plan came to serve while PREPARE compiled (its list was taken
@@ -1013,5 +1040,9 @@ class ReconfigController:
         for st in self._old_stages:
             st.pages.clear_dirty()
         self._enter("ABORTED")
+        log.warning(
+            "reconfiguration %s -> %s rolled back: %s",
+            self.report.source, self.report.target, self.report.reason,
+        )  # fmt: skip
         self.report.total_ms = (time.perf_counter() - self.t_start) * 1e3
         self._detach()
