@@ -288,6 +288,7 @@ class LoadRun:
 
 
 SERVER_LOG: list[str] = []
+DRAIN: list[threading.Thread] = []
 
 
 def _drain(proc: subprocess.Popen[str]) -> None:
@@ -319,9 +320,10 @@ def start_server(args: argparse.Namespace, token: str) -> tuple[subprocess.Popen
             raise RuntimeError(f"the server exited with {proc.wait()}")
         print("  server:", line.rstrip(), flush=True)
         if "listening on" in line:
-            # The server logs at info (compiles, reconfiguration phases, requests): keep its
-            # pipe drained so that it never blocks on a full one.
-            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
+            # The server logs at info (compiles, reconfiguration phases): keep its pipe
+            # drained so that it never blocks on a full one.
+            DRAIN.append(threading.Thread(target=_drain, args=(proc,), daemon=True))
+            DRAIN[-1].start()
             return proc, line.rsplit(" ", 1)[1].strip()
     proc.kill()
     raise RuntimeError("the server did not start in 600 s")
@@ -368,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-        time.sleep(0.5)  # the drain thread reads the last lines
+        for t in DRAIN:
+            t.join(timeout=30)  # it ends at the server's end of output
         for line in SERVER_LOG:
-            if "aiohttp.access" not in line:
-                print("  server:", line, flush=True)
+            print("  server:", line, flush=True)
     results["server"]["exit_code"] = code
     # What compiled when (the stalls a phase's latencies show): the server's own log lines.
     results["server"]["compile_log"] = [ln for ln in SERVER_LOG if "pipelive.compile" in ln]

@@ -102,8 +102,8 @@ def register(subparsers: Any) -> None:
         "--log-level",
         default="warning",
         choices=("debug", "info", "warning", "error"),
-        help="server log level (default warning; info also logs each compile and "
-        "reconfiguration phase, with times)",
+        help="level of the server's own log (default warning; info also logs each compile "
+        "and reconfiguration phase, with times)",
     )
     s.set_defaults(func=_cmd_serve)
 
@@ -180,9 +180,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pipelive_jax.cli import setup_devices
 
     settings = serve_settings(args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # The level is ours (the `pipelive.*` loggers); libraries keep warning, so that info does
+    # not bring every HTTP access line with it.
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipelive").setLevel(args.log_level.upper())
     setup_devices(settings.devices)
 
     from pipelive_jax.serving.server import ServerOptions, serve
