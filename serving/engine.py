@@ -714,7 +714,8 @@ class Engine:
         All of them, not only the recent ones: a shape last met a while ago (four prompts
         arriving together) comes back, and on a plan without it, it compiles inline, a stall
         of seconds for every request in flight (SmolLM2 on 3 stages: ~5 s). The new plan
-        compiles in the background, so more shapes only make PREPARE longer."""
+        compiles in the background, so more shapes only make PREPARE longer (on 2 CPU cores,
+        ~4 s per shape and stage for SmolLM2; `reconfigure(timeout_s=)` bounds the whole)."""
         stages = self.executor.stages
         return [s for s in self.cache.shapes() if all(self.cache.has(st, s) for st in stages)]
 

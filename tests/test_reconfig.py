@@ -1210,8 +1210,9 @@ def test_a_new_plan_compiles_every_shape_the_old_one_serves_not_only_recent_ones
     ids = add(eng, PROMPTS)  # the rare shape: three prefills in one step
     drain(eng)
     first = outputs(eng, ids)
-    long_params = SamplingParams(max_tokens=60, ignore_eos=True)
-    for _ in range(6):  # > 256 steps of one-token prompts decoding: the decode shape only
+    # 4 x (1 + 44) tokens fit the 15 pages (no preemption); 7 rounds: > 256 decode steps.
+    long_params = SamplingParams(max_tokens=44, ignore_eos=True)
+    for _ in range(7):  # one-token prompts decoding: the decode shape only
         add(eng, LOAD_PROMPTS[:4], long_params)
         drain(eng)
     served = set(eng.executor_shapes())
