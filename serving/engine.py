@@ -715,7 +715,7 @@ class Engine:
         arriving together) comes back, and on a plan without it, it compiles inline, a stall
         of seconds for every request in flight (SmolLM2 on 3 stages: ~5 s). The new plan
         compiles in the background, so more shapes only make PREPARE longer (on 2 CPU cores,
-        ~4 s per shape and stage for SmolLM2; `reconfigure(timeout_s=)` bounds the whole)."""
+        ~4 s per shape and stage for SmolLM2; a reconfiguration's timeout leaves that out)."""
         stages = self.executor.stages
         return [s for s in self.cache.shapes() if all(self.cache.has(st, s) for st in stages)]
 

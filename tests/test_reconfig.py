@@ -720,6 +720,42 @@ def test_timeout_rolls_back(eng, ref):
     _rolled_back(eng, ref, ids, h, source, stages_before, "PREPARE", "timed out")
 
 
+def test_the_timeout_leaves_out_time_spent_compiling(tiny):
+    """PREPARE compiles every shape the old plan serves on a background thread, which takes as
+    long as it takes: with each compile made 0.4 s slower (6 here: 2 shapes x 3 stages), a 1 s
+    timeout does not cut it; a phase held up on the engine's side (a slow PATCH hook) still
+    times out and rolls back."""
+    eng = LLM(tiny, plan=TWO, **OPTIONS).engine
+    ids = add(eng, PROMPTS)
+    drain(eng)
+    first = outputs(eng, ids)
+    cache = eng.cache
+    compile_fn = cache._compile
+
+    def slow(sig, shape):
+        time.sleep(0.4)
+        return compile_fn(sig, shape)
+
+    cache._compile = slow
+    ids = add(eng, PROMPTS)
+    eng.step()
+    h = eng.reconfigure(THREE, timeout_s=1.0)
+    run_to_done(eng, h)
+    r = h.report()
+    assert r.ok, r.reason
+    assert r.phase_ms["PREPARE"] > 1000.0
+    drain(eng)
+    assert outputs(eng, ids) == first
+
+    # A PATCH held up on the engine's side: the timeout ends it.
+    h = eng.reconfigure(TWO, timeout_s=1.0, hooks={"PATCH": lambda ctl: time.sleep(1.2)})
+    ids = add(eng, PROMPTS)
+    run_to_done(eng, h)
+    assert not h.report().ok and "timed out" in h.report().reason
+    drain(eng)
+    assert eng.plan == plan_of(THREE) and outputs(eng, ids) == first
+
+
 # ------------------------------------------------------------------ refused at the call
 
 

@@ -255,7 +255,14 @@ class ReconfigController:
         self.mode = mode
         self.pause_budget_ms = float(pause_budget_ms)
         self.max_rounds = max_rounds
+        # The timeout leaves out the time PREPARE's background thread works (weights, pools,
+        # compiles): it compiles every shape the old plan serves, ~4 s per shape and stage for
+        # SmolLM2 on a 2-core CPU, so a server that met many shapes would time out in a
+        # PREPARE that is making progress. The timeout is for a reconfiguration that stops
+        # converging; a background thread that never ends is for `abort`.
         self.timeout_s = timeout_s
+        self._bg_s = 0.0  # seconds a background thread of this reconfiguration was running
+        self._bg_since: float | None = None
         self.hooks = hooks or {}
         self.verify = verify
         self.source = engine.plan
@@ -427,11 +434,24 @@ class ReconfigController:
     def _check_abort(self) -> None:
         if self.abort_requested and self.phase not in ("RESIZE", "DONE", "ABORTED"):
             raise ReconfigError(self.abort_requested)
-        if time.perf_counter() - self.t_start > self.timeout_s and self.phase not in (
+        now = time.perf_counter()
+        if self._bg_since is not None:
+            self._bg_s += now - self._bg_since
+            t = self._compile_thread
+            self._bg_since = now if t is not None and t.is_alive() else None
+        if now - self.t_start - self._bg_s > self.timeout_s and self.phase not in (
             "RESIZE",
             "DONE",
         ):
-            raise ReconfigError(f"timed out after {self.timeout_s:.0f} s in phase {self.phase}")
+            raise ReconfigError(
+                f"timed out after {self.timeout_s:.0f} s (not counting {self._bg_s:.0f} s of "
+                f"background compiling and staging) in phase {self.phase}"
+            )
+
+    def _start_background(self, target: Callable[[], None]) -> None:
+        """Runs PREPARE's (or RESIZE's) work on a compile thread; its time is off the timeout."""
+        self._compile_thread = start_compile_thread(target)
+        self._bg_since = time.perf_counter()
 
     # ------------------------------------------------------------------ PREPARE
 
@@ -465,7 +485,7 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = start_compile_thread(compile_shrunk)
+        self._start_background(compile_shrunk)
 
     def _build_pending(self) -> None:
         """Builds the pending stages and page tables (host bookkeeping, at this boundary), then
@@ -573,7 +593,7 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = start_compile_thread(build_and_compile)
+        self._start_background(build_and_compile)
 
     def _move_weights(self, pending: _Pending, paced: bool = False) -> None:
         """Dispatches the device_put of every moved layer's weights (and embed/head); `paced`
@@ -652,7 +672,7 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = start_compile_thread(compile_them)
+        self._start_background(compile_them)
 
     def _missing_shapes(self) -> list[BatchShape]:
         """Batch shapes the old plan came to serve while PREPARE compiled (its list was taken
@@ -680,7 +700,7 @@ class ReconfigController:
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
-        self._compile_thread = start_compile_thread(compile_them)
+        self._start_background(compile_them)
 
     # ------------------------------------------------------------------ STAGE_WEIGHTS
 
@@ -953,7 +973,7 @@ class ReconfigController:
                 except BaseException as e:  # noqa: BLE001
                     self._compile_error = e
 
-            self._compile_thread = start_compile_thread(compile_all)
+            self._start_background(compile_all)
         else:
             self._compile_thread = None
             self._finish_ok()
