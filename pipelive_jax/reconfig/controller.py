@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -636,67 +636,55 @@ class ReconfigController:
             # Shapes met while the shrunk capacity compiled must be there too, or the old
             # stages would compile them inline at that capacity (and the new plan's list,
             # taken from what the shrunk stages serve, would lack them).
-            eng, shrink = self.engine, self._shrink_to
-            later = [
-                (st, cap, s)
-                for st, cap in shrink
-                for s in eng.executor_shapes()
-                if not eng.cache.has(st, s, cap)
-            ]
+            shrink = self._shrink_to
+            later = self._lacking(shrink)
             if later:
-                self._compile_shrunk_missing(later)
+                self._compile_in_background(later, lambda: not self.abort_requested)
                 return
             self._shrink_to = None
             for st, cap in shrink:
                 self._shrink(st, cap)
             self._build_pending()
             return
-        missing = self._missing_shapes()
+        pending = self._pending
+        assert pending is not None
+        missing = self._lacking([(st, None) for st in pending.stages])
         if missing:
-            self._compile_missing(missing)
+            self._compile_in_background(missing, lambda: self._pending is pending)
             return
         self._enter("STAGE_WEIGHTS")
         self._run_hook("STAGE_WEIGHTS")
         if self.mode == "stop_and_copy":
             self._enter("SWITCH")
 
-    def _compile_shrunk_missing(self, todo: list[tuple[StageRuntime, int, BatchShape]]) -> None:
+    def _lacking(
+        self, stages: Sequence[tuple[StageRuntime, int | None]]
+    ) -> list[tuple[StageRuntime, BatchShape, int | None]]:
+        """(stage, shape, pool capacity) of every batch shape the old plan serves that a stage
+        lacks at that capacity (None: its own), smallest shapes first.
+
+        PREPARE lists the shapes when it begins; the old plan may meet new ones while it
+        compiles. They compile too before PREPARE goes on: else the first step to meet one on
+        the shrunk pools or the new plan would compile it inline."""
+        eng = self.engine
+        shapes = sorted(eng.executor_shapes(), key=shape_order)
+        return [
+            (st, s, cap) for st, cap in stages for s in shapes if not eng.cache.has(st, s, cap)
+        ]
+
+    def _compile_in_background(
+        self, todo: list[tuple[StageRuntime, BatchShape, int | None]], wanted: Callable[[], bool]
+    ) -> None:
+        """Compiles `todo` on a compile thread, stopping once `wanted()` turns false (rolled
+        back meanwhile); a failure is reported by the engine thread's next PREPARE step."""
         cache = self.engine.cache
 
         def compile_them() -> None:
             try:
-                for st, cap, shape in todo:
-                    if self.abort_requested:
+                for st, shape, cap in todo:
+                    if not wanted():
                         return
                     cache.get(st, shape, cap)
-            except BaseException as e:  # noqa: BLE001 - reported by the engine thread
-                self._compile_error = e
-
-        self._start_background(compile_them)
-
-    def _missing_shapes(self) -> list[BatchShape]:
-        """Batch shapes the old plan came to serve while PREPARE compiled (its list was taken
-        when PREPARE began) that the new stages lack. They compile before PREPARE ends: else
-        the first step to meet one on the new plan would compile it inline, for every stage."""
-        assert self._pending is not None
-        eng, stages = self.engine, self._pending.stages
-        return sorted(
-            (s for s in eng.executor_shapes() if not all(eng.cache.has(st, s) for st in stages)),
-            key=shape_order,
-        )
-
-    def _compile_missing(self, shapes: list[BatchShape]) -> None:
-        pending = self._pending
-        assert pending is not None
-        cache = self.engine.cache
-
-        def compile_them() -> None:
-            try:
-                for st in pending.stages:
-                    for shape in shapes:
-                        if self._pending is not pending:
-                            return  # rolled back meanwhile
-                        cache.get(st, shape)
             except BaseException as e:  # noqa: BLE001 - reported by the engine thread
                 self._compile_error = e
 
