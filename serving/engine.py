@@ -154,14 +154,12 @@ def model_shape(defs: ModelDefs, kv_dtype: Any = None) -> ModelShape:
 
 def long_needed(shape: BatchShape) -> int:
     """Sequences with more than one token a batch of `shape` may have (0 for decode shapes)."""
-    if shape.max_q_len == 1:
-        return 0
-    return shape.max_seqs if shape.long_seqs is None else shape.long_seqs
+    return 0 if shape.max_q_len == 1 else shape.long_rows
 
 
 def long_capacity(shape: BatchShape) -> int:
     """How many such sequences a compiled `shape` serves correctly (its attention's bound)."""
-    return shape.max_seqs if shape.long_seqs is None else shape.long_seqs
+    return shape.long_rows
 
 
 def resolve_kv_dtype(option: str, model_dtype: str, platform: str) -> Any:

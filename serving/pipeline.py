@@ -75,6 +75,12 @@ class BatchShape:
     # XLA attention then pads only those to max_q_len. None: no bound (every row may be long).
     long_seqs: int | None = None
 
+    @property
+    def long_rows(self) -> int:
+        """How many sequences a step of this shape may give more than one token (its
+        attention's bound): `long_seqs`, or every row."""
+        return self.max_seqs if self.long_seqs is None else self.long_seqs
+
 
 @dataclass
 class StepBatch:
@@ -149,8 +155,7 @@ class StageRuntime:
 
 def shape_order(s: BatchShape) -> tuple[int, int, int, int, int]:
     """The order shapes are compiled in (smallest first), wherever a set of them is compiled."""
-    long = s.max_seqs if s.long_seqs is None else s.long_seqs
-    return (s.num_tokens, s.max_seqs, s.max_q_len, long, s.pages_per_seq)
+    return (s.num_tokens, s.max_seqs, s.max_q_len, s.long_rows, s.pages_per_seq)
 
 
 @dataclass(frozen=True)
