@@ -77,10 +77,11 @@ def validate_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, cu_q_l
     for name, a in (("kv_lens", kv_lens), ("block_tables", block_tables), ("cu_q_lens", cu_q_lens)):
         if not jnp.issubdtype(a.dtype, jnp.integer):
             raise KernelInputError(f"{name} must be an integer array, got {a.dtype}")
-    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    floats = (jnp.float32, jnp.bfloat16, jnp.float16)
+    if q.dtype not in floats:
         raise KernelInputError(f"q dtype must be float32, bfloat16 or float16, got {q.dtype}")
     # q may differ from the pages (a bf16 cache under float32 activations); K and V may not.
-    if k_pages.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    if k_pages.dtype not in floats:
         raise KernelInputError(
             f"k_pages dtype must be float32, bfloat16 or float16, got {k_pages.dtype}"
         )

@@ -83,6 +83,7 @@ def paged_attention_xla(
     `max_q_len` layout, instead of padding every decode to a prefill chunk's length. A broken
     promise gives wrong output for the long sequences past the bound (the engine asserts it).
     """
+    decode_chunk = DECODE_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     if max_q_len == 1:
         return _decode_attention_xla(
             q,
@@ -94,7 +95,7 @@ def paged_attention_xla(
             num_seqs,
             sm_scale=sm_scale,
             soft_cap=soft_cap,
-            chunk_tokens=DECODE_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
+            chunk_tokens=decode_chunk,
         )
     num_tokens = q.shape[0]
     max_seqs = block_tables.shape[0]
@@ -120,8 +121,7 @@ def paged_attention_xla(
     long = q_lens > 1
     dec = _decode_attention_xla(
         q, k_pages, v_pages, jnp.where(long, 0, kv_lens), block_tables, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, soft_cap=soft_cap,
-        chunk_tokens=DECODE_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
+        sm_scale=sm_scale, soft_cap=soft_cap, chunk_tokens=decode_chunk,
     )  # fmt: skip
     r = max(1, max_long_seqs)
     (rows,) = jnp.nonzero(long, size=r, fill_value=0)
