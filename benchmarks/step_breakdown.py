@@ -35,6 +35,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+from kernel_bench import time_call  # noqa: E402
 
 VARIANTS = ("full", "no-attention", "no-lm-head")
 PROMPT_LEN = 128
@@ -137,19 +138,13 @@ def linears(batches: list[int], repeats: int = 7) -> dict[str, Any]:
             return step(f.linear, torch.add, f.silu, x, tws, thead)
 
     def best(fn: Any) -> float:
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return round(min(ts) * 1e3, 2)
+        return round(min(time_call(fn, 1, repeats)) * 1e3, 2)
 
     flat = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     out: dict[str, Any] = {
         "weight_bytes": nbytes,
-        "stream_ms": best(lambda: total(flat).block_until_ready()),
+        "stream_ms": best(lambda: total(flat)),
     }
     out["stream_gb_s"] = round(nbytes / out["stream_ms"] / 1e6, 1)
     rng = np.random.default_rng(0)
@@ -157,7 +152,7 @@ def linears(batches: list[int], repeats: int = 7) -> dict[str, Any]:
         x = rng.standard_normal((b, loaded.config.hidden_size)).astype(np.float32)
         xj, xt = jnp.asarray(x), torch.from_numpy(x)
         out[str(b)] = {
-            "linears_xla_ms": best(lambda xj=xj: jstep(xj, jws, jhead).block_until_ready()),
+            "linears_xla_ms": best(lambda xj=xj: jstep(xj, jws, jhead)),
             "linears_torch_ms": best(lambda xt=xt: tstep(xt)),
         }
     return out

@@ -191,10 +191,10 @@ def test_a_one_row_bf16_head_multiplies_bf16_without_widening_the_weight(tiny_bf
     widened = f"f32[{cfg.vocab_size},{cfg.hidden_size}]"
     assert not [ln for ln in hlo.splitlines() if "convert" in ln and widened in ln]
 
+    # The reference: the norm in float32 (as the model's), its output rounded to bf16.
     head = tiny_bf16.model.head
     w = np.asarray(head.weight[...]).astype(np.float64)
     g = np.asarray(head.norm.weight[...]).astype(np.float64)
-    y = h.astype(np.float64)
-    y = y / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + cfg.rms_norm_eps) * g
-    y = y.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
-    np.testing.assert_allclose(np.asarray(fn(head_state, h)), y @ w.T, rtol=1e-4, atol=1e-5)
+    y = ref.rms_norm(h.astype(np.float64), g, cfg.rms_norm_eps).astype(np.float32)
+    want = ref._linear(y.astype(np.float64), w, round_to=ml_dtypes.bfloat16)
+    np.testing.assert_allclose(np.asarray(fn(head_state, h)), want, rtol=1e-4, atol=1e-5)
