@@ -1286,6 +1286,39 @@ def test_a_shape_first_met_during_prepare_is_compiled_before_the_switch(tiny):
     assert outputs(eng, ids) == first
 
 
+@pytest.mark.parametrize("when", ["PATCH", "SWITCH"])
+def test_a_shape_first_met_during_the_migration_is_compiled_before_the_switch(tiny, ref, when):
+    """A shape the old plan first serves in a patch round, or in the final old-plan step
+    (phase SWITCH, before the pause), is compiled for the new plan before it takes over: the
+    patch rounds go on meanwhile (from SWITCH the controller goes back to them)."""
+    eng = LLM(tiny, plan=TWO, **OPTIONS).engine
+    add(eng, LOAD_PROMPTS[:4], LOAD_PARAMS)  # the decode shape only
+    drain(eng)
+    known = set(eng.executor_shapes())
+    served: list = []
+    hooks = {"SWITCH": lambda ctl: served.extend(ctl.engine.executor_shapes())}
+    add(eng, LOAD_PROMPTS[:1], LOAD_PARAMS)  # in flight, so that the migration takes steps
+    h = eng.reconfigure(THREE, mode="live", hooks=hooks)
+    join_compile(eng)
+    for _ in range(12):
+        if eng.reconfig is None or eng.reconfig.phase == when:
+            break
+        eng.step()
+    assert eng.reconfig is not None and eng.reconfig.phase == when
+    ids = add(eng, PROMPTS)
+    eng.step()  # three prefills beside a decode: compiled inline on the old plan
+    assert eng.reconfig is not None and eng.reconfig.phase in ("PATCH", "SWITCH")
+    run_to_done(eng, h)
+    drain(eng)
+    r = h.report()
+    assert r.ok, r.reason
+    assert eng.plan == plan_of(THREE)
+    assert set(served) - known  # the prefills' shape, first met during the migration
+    assert all(eng.cache.has(st, s) for st in eng.executor.stages for s in served)
+    assert outputs(eng, ids) == expected(ref, PROMPTS)
+    assert_clean(eng)
+
+
 # ------------------------------------------------------------------ real weights
 
 

@@ -389,6 +389,11 @@ class ReconfigController:
                     # One more old-plan step: what it writes is the final round, dispatched
                     # right behind it (after_dispatch), so the pause holds no copy at all.
                     self._final_step_done = True
+                elif self.mode == "live" and self._new_stages_compiling():
+                    # That step met a shape the new plan lacks: back to the patch rounds
+                    # (its writes are copied; the dirty record goes on) while it compiles.
+                    self._final_step_done = False
+                    self._enter("PATCH")
                 else:
                     self._switch()
             elif self.phase == "RESIZE" and self._resize_started:
@@ -646,16 +651,32 @@ class ReconfigController:
                 self._shrink(st, cap)
             self._build_pending()
             return
-        pending = self._pending
-        assert pending is not None
-        missing = self._lacking([(st, None) for st in pending.stages])
-        if missing:
-            self._compile_in_background(missing, lambda: self._pending is pending)
+        if self._new_stages_compiling():
             return
         self._enter("STAGE_WEIGHTS")
         self._run_hook("STAGE_WEIGHTS")
         if self.mode == "stop_and_copy":
             self._enter("SWITCH")
+
+    def _new_stages_compiling(self) -> bool:
+        """True while the new stages compile shapes the old plan serves; starts that when
+        some are lacking. Checked before leaving PREPARE, before the switch, and after the
+        final old-plan step: a shape the old plan first meets at any point of the migration
+        is compiled for the new plan before it takes over, not inline in its first steps."""
+        t = self._compile_thread
+        if t is not None and t.is_alive():
+            return True
+        if self._compile_error is not None:
+            raise ReconfigError(f"compiling the new stages failed: {self._compile_error}")
+        pending = self._pending
+        assert pending is not None
+        missing = self._lacking([(st, None) for st in pending.stages])
+        if missing:
+            log.info("reconfiguration %s -> %s: compiling %d shape(s) the old plan met since",
+                     self.report.source, self.report.target, len(missing))  # fmt: skip
+            self._compile_in_background(missing, lambda: self._pending is pending)
+            return True
+        return False
 
     def _lacking(
         self, stages: Sequence[tuple[StageRuntime, int | None]]
@@ -798,9 +819,12 @@ class ReconfigController:
         self.report.round_ms.append(round(round_ms, 3))
         self.dirty_bytes_left = nbytes  # the next step dirties about as much
         converged = round_ms <= self.pause_budget_ms / 2
-        if converged or self.report.rounds >= self.max_rounds:
-            self.report.forced_stop_and_copy = not converged
-            self._enter("SWITCH")
+        if not (converged or self.report.rounds >= self.max_rounds):
+            return
+        if self._new_stages_compiling():
+            return  # rounds go on while they compile, so the dirty pages stay few
+        self.report.forced_stop_and_copy = not converged
+        self._enter("SWITCH")
 
     # ------------------------------------------------------------------ SWITCH
 
