@@ -105,9 +105,7 @@ def test_tiny_bf16_engine_on_two_stages_matches_its_forward_pass(tiny_bf16, kv_c
     float32 under "auto" on CPU, or bf16 pages when asked for."""
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 512, size=n).tolist() for n in (1, 5, 17, 30)]
-    llm = LLM(
-        tiny_bf16, plan=[2, 4], num_pages=64, max_model_len=64, kv_cache_dtype=kv_cache_dtype
-    )
+    llm = LLM(tiny_bf16, plan=[2, 4], num_pages=64, max_model_len=64, kv_cache_dtype=kv_cache_dtype)
     kv_dtype = resolve_kv_dtype(kv_cache_dtype, "bfloat16", jax.devices()[0].platform)
     assert llm.engine.kv_dtype == kv_dtype
     for stage in llm.engine.executor.stages:
