@@ -270,8 +270,13 @@ class Engine:
             n_pages = num_pages[i] if num_pages is not None else self.pages_for_stage(plan, i)
             if n_pages < 2:
                 raise ConfigError(
-                    f"stage {i} on device {spec.devices[0]} has room for no KV pages; "
-                    "raise device_memory_bytes or give num_pages"
+                    f"stage {i} on device {spec.devices[0]} has room for no KV pages "
+                    f"({n_pages}; page 0 is reserved): "
+                    + (
+                        "give num_pages >= 2"
+                        if num_pages is not None or self.config.num_pages is not None
+                        else "raise device_memory_bytes or give num_pages"
+                    )
                 )
             stages.append(
                 StageRuntime(
@@ -408,6 +413,7 @@ class Engine:
             # While the device computes this step: a live switch dispatches its final patch here.
             self.reconfig.after_dispatch()
         now_outputs: list[RequestOutput] = []
+        failed: list[Request] = []
         for group, res in zip(groups, results, strict=True):
             logits, argmax = res.fetch()
             now = time.perf_counter()
@@ -420,10 +426,19 @@ class Engine:
                         tok = int(argmax[i])
                     else:
                         assert logits is not None
-                        tok = sample_token(logits[i], req.params, req.rng)
+                        try:
+                            tok = sample_token(logits[i], req.params, req.rng)
+                        except Exception:  # noqa: BLE001 - one request's fault ends only it
+                            log.exception("sampling request %s failed; it is aborted", req.request_id)
+                            failed.append(req)
+                            continue
                     self._append_token(req, tok, now)
                     now_outputs.append(req.to_output())
                     self._publish(req)
+        # Else the step would fail again on every retry, and every other request with it.
+        for req in failed:
+            self.abort(req.request_id)
+            now_outputs.append(req.to_output())
         return now_outputs
 
     def _build_batch(self, seqs: list[ScheduledSeq]) -> StepBatch:

@@ -76,11 +76,14 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     """One token id from logits [vocab] (float32) under `params`."""
     if params.greedy:
         return int(np.argmax(logits))
-    x = logits.astype(np.float64) / params.temperature
+    x = logits.astype(np.float64)
     if params.top_k > 0 and params.top_k < x.shape[0]:
         kth = np.partition(x, -params.top_k)[-params.top_k]
         x = np.where(x < kth, -np.inf, x)
-    x = x - np.max(x)
+    # The maximum is subtracted before the temperature divides: a tiny temperature (1e-310)
+    # sends the other logits to -inf (probability 0) instead of all of them to inf (NaN).
+    with np.errstate(over="ignore"):
+        x = (x - np.max(x)) / params.temperature
     p = np.exp(x)
     p /= p.sum()
     if params.top_p < 1.0:

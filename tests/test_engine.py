@@ -458,6 +458,46 @@ def test_sample_token_top_k_one_and_tiny_top_p_are_greedy(seed):
         assert [sample_token(logits, params, rng) for _ in range(20)] == [best] * 20
 
 
+def test_sample_token_tiny_temperature_is_the_greedy_limit():
+    """logits / 1e-310 overflow; the sampler must still give the argmax, not NaN odds."""
+    logits = np.random.default_rng(4).normal(size=300).astype(np.float32) * 30
+    rng = np.random.default_rng(0)
+    for t in (5e-324, 1e-310, 1e-30):
+        for params in (SamplingParams(temperature=t), SamplingParams(temperature=t, top_k=5)):
+            assert sample_token(logits, params, rng) == int(np.argmax(logits))
+
+
+def test_a_request_whose_sampling_fails_is_aborted_alone(tiny_llm, tiny_ref, monkeypatch):
+    """A sampling failure (here: forced for the request seeded 13) ends that request, frees its
+    pages and lets the others of its batch finish with their tokens; before, the step failed on
+    every retry, stalling every request."""
+    from pipelive_jax.serving import engine as engine_mod
+
+    real = engine_mod.sample_token
+
+    def failing(logits, params, rng):
+        if params.seed == 13:
+            raise FloatingPointError("probabilities contain NaN")
+        return real(logits, params, rng)
+
+    monkeypatch.setattr(engine_mod, "sample_token", failing)
+    eng = tiny_llm.engine
+    bad = eng.add_request(TINY_PROMPTS[0], SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=13))
+    ok = [
+        eng.add_request(TINY_PROMPTS[i], SamplingParams(max_tokens=N_NEW, ignore_eos=True))
+        for i in (1, 2)
+    ]
+    seen_bad = []
+    for _ in range(200):
+        if not eng.has_unfinished():
+            break
+        seen_bad += [o for o in eng.step() if o.request_id == bad]
+    assert [o.finish_reason for o in seen_bad] == ["abort"]
+    assert eng.get_output(bad).token_ids == []
+    assert [eng.get_output(r).token_ids for r in ok] == [tiny_ref[1], tiny_ref[2]]
+    _assert_idle(eng)
+
+
 def test_sample_token_greedy_draws_no_random_numbers():
     a, b = np.random.default_rng(5), np.random.default_rng(5)
     logits = np.array([0.1, 3.0, -1.0], np.float32)
