@@ -12,11 +12,27 @@ import os
 import sys
 from typing import Any
 
+from pipelive_jax.cli_args import positive_int
 from pipelive_jax.errors import PipeliveError
+
+# The most CPU host devices the CLI asks XLA for: each is a device with its own thread pool
+# and allocator, so a plan naming device 200000 took gigabytes before it failed.
+MAX_HOST_DEVICES = 64
 
 
 def _devices_needed(plan: Any) -> int:
-    """How many devices a plan spec refers to, without importing JAX (default 1)."""
+    """How many devices a plan spec refers to, without importing JAX (default 1). A plan that
+    needs more than MAX_HOST_DEVICES is refused (PipeliveError)."""
+    n = _devices_named(plan)
+    if n > MAX_HOST_DEVICES:
+        raise PipeliveError(
+            f"the plan names device {n - 1}; on CPU the CLI creates at most {MAX_HOST_DEVICES} "
+            f"host devices (ids 0-{MAX_HOST_DEVICES - 1})"
+        )
+    return n
+
+
+def _devices_named(plan: Any) -> int:
     if plan is None:
         return 1
     if isinstance(plan, list):
@@ -38,6 +54,8 @@ def _read_plan(arg: str | None) -> Any:
     """`--plan 10,20`, a JSON string, or a path to a JSON file -> a plan spec for parse_plan."""
     if arg is None:
         return None
+    if arg.lower().endswith(".json") and not os.path.isfile(arg):
+        raise PipeliveError(f"--plan file {arg}: no such file")
     if os.path.isfile(arg):
         with open(arg) as f:
             try:
@@ -109,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model", default="smollm2-135m", help="registry name or path (default smollm2-135m)"
     )
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=positive_int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -120,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--plan", default=None, help="layer counts per stage (10,20), a JSON plan or a JSON file"
     )
-    g.add_argument("--max-model-len", type=int, default=1024)
+    g.add_argument("--max-model-len", type=positive_int, default=1024)
     g.set_defaults(func=_cmd_generate)
     d = sub.add_parser(
         "demo", help="stream requests over 2 stages, live-reconfigure to 3, check outputs"
     )
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--max-tokens", type=positive_int, default=48)
     d.set_defaults(func=_cmd_demo)
     from pipelive_jax import cli_bench, cli_server  # no JAX at import: devices are set later
 

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from pipelive_jax.cli_args import positive_int
 from pipelive_jax.errors import PipeliveError
 
 __all__ = ["main", "register"]
@@ -81,19 +82,19 @@ def register(subparsers: Any) -> None:
         default="mixed",
         help="what the LM head costs: every token (decode), one per prompt (prefill), or between",
     )
-    p.add_argument("--prompt-len", type=int, help="prompt length for the prefill head cost")
+    p.add_argument("--prompt-len", type=positive_int, help="prompt length for the prefill head cost")
     p.add_argument(
         "--head-cost", type=float, help="LM head cost in layer units (overrides --workload)"
     )
     p.add_argument("--embed-cost", type=float, default=0.0, help="embedding cost in layer units")
-    p.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
+    p.add_argument("--page-size", type=positive_int, help="tokens per KV page (default 16)")
     p.add_argument("--utilization", type=float, help="memory utilisation cap (default 0.9)")
     p.add_argument(
         "--min-kv-tokens",
         type=int,
         help="KV tokens each stage must hold at least (default: max_model_len of the config, else 0)",
     )
-    p.add_argument("--granule", type=int, default=1, help="round pool capacities down to this")
+    p.add_argument("--granule", type=positive_int, default=1, help="round pool capacities down to this")
     p.add_argument("--json", action="store_true", help="print the proposal as JSON")
     p.set_defaults(func=cmd_plan)
 

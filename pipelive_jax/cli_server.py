@@ -19,7 +19,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelive_jax.config import KV_CACHE_DTYPES
+from pipelive_jax.cli_args import (
+    int_at_least,
+    nonnegative_float,
+    port,
+    positive_float,
+    positive_int,
+)
+from pipelive_jax.config import DTYPES, KV_CACHE_DTYPES
 from pipelive_jax.errors import PipeliveError
 
 DEFAULT_DEVICES = 8
@@ -55,7 +62,7 @@ def register(subparsers: Any) -> None:
         "--config", default=None, help="a config of configs/ (model, plan, devices, kv, scheduler)"
     )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument(
         "--token-file",
         default=None,
@@ -63,21 +70,21 @@ def register(subparsers: Any) -> None:
         "(default ~/.cache/pipelive/rpc_token)",
     )
     s.add_argument("--served-model-name", default=None, help="the model id of the OpenAI API")
-    s.add_argument("--dtype", default=None, help="weights dtype (default float32)")
+    s.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (default float32)")
     s.add_argument(
         "--devices",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU host devices to create (default: the config's, else what the plan needs, "
         f"at least {DEFAULT_DEVICES})",
     )
-    s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--num-pages", type=int, default=None, help="KV pages per stage")
-    s.add_argument("--max-num-seqs", type=int, default=None)
-    s.add_argument("--max-num-batched-tokens", type=int, default=None)
-    s.add_argument("--page-size", type=int, default=None)
-    s.add_argument("--num-microbatches", type=int, default=None)
-    s.add_argument("--device-memory-bytes", type=int, default=None, help="memory budget per device")
+    s.add_argument("--max-model-len", type=positive_int, default=None)
+    s.add_argument("--num-pages", type=int_at_least(2), default=None, help="KV pages per stage")
+    s.add_argument("--max-num-seqs", type=positive_int, default=None)
+    s.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
+    s.add_argument("--page-size", type=positive_int, default=None)
+    s.add_argument("--num-microbatches", type=positive_int, default=None)
+    s.add_argument("--device-memory-bytes", type=positive_int, default=None, help="memory budget per device")
     s.add_argument("--backend", default=None, help="attention kernel backend")
     s.add_argument(
         "--kv-cache-dtype",
@@ -87,17 +94,17 @@ def register(subparsers: Any) -> None:
     )
     s.add_argument(
         "--request-timeout",
-        type=float,
+        type=nonnegative_float,
         default=600.0,
         help="seconds per request, queueing included (default 600; 0: no limit)",
     )
     s.add_argument(
         "--drain-timeout",
-        type=float,
+        type=nonnegative_float,
         default=30.0,
         help="on SIGINT/SIGTERM, seconds in-flight requests may run on (default 30)",
     )
-    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="default 1 MiB")
+    s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="default 1 MiB")
     s.add_argument(
         "--log-level",
         default="warning",
@@ -121,7 +128,7 @@ def register(subparsers: Any) -> None:
     r.add_argument(
         "--token-file", default=None, help="token file (when $PIPELIVE_RPC_TOKEN is unset)"
     )
-    r.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    r.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait for the answer")
     r.set_defaults(func=_cmd_rpc)
 
 
@@ -142,7 +149,7 @@ class ServeSettings:
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """Flags over the config file (if any) over the defaults. Raises PipeliveError."""
-    from pipelive_jax.cli import _devices_needed, _read_plan
+    from pipelive_jax.cli import MAX_HOST_DEVICES, _devices_needed, _read_plan
 
     model, dtype, seed, plan = "smollm2-135m", "float32", 0, None
     devices: int | None = None
@@ -160,8 +167,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         devices = args.devices
     elif devices is None:
         devices = max(_devices_needed(plan), DEFAULT_DEVICES)
-    if devices < 1:
-        raise PipeliveError(f"--devices must be >= 1, got {devices}")
+    if not 1 <= devices <= MAX_HOST_DEVICES:
+        raise PipeliveError(f"--devices must be in 1-{MAX_HOST_DEVICES}, got {devices}")
     for name in _ENGINE_FLAGS:
         value = getattr(args, name)
         if value is not None:

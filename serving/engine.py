@@ -336,6 +336,13 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer: give prompt token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(
+                    f"prompt is not valid text: {e.reason} at character {e.start} "
+                    f"({prompt[e.start : e.end]!r})"
+                ) from None
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list | tuple | np.ndarray):
             ids = [int(t) for t in prompt]

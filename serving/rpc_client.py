@@ -68,6 +68,10 @@ def call(
 
     Raises RpcCallError for an error answer, PipeliveError when there is no usable answer.
     """
+    if not url.startswith(("http://", "https://")):
+        raise PipeliveError(f"server URL {url!r} is not an http:// or https:// URL")
+    if not timeout > 0:  # urllib: 0 is a non-blocking socket, a negative one a ValueError
+        raise PipeliveError(f"timeout must be > 0 seconds, got {timeout:g}")
     body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params or {}, "id": 1})
     headers = {"Content-Type": "application/json"}
     if token:

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pipelive_jax.errors import ConfigError
 from pipelive_jax.kv.pages import PageTable
 from pipelive_jax.serving.request import Request, RequestState
 
@@ -31,7 +32,7 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
 
 
 @dataclass

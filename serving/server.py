@@ -1642,6 +1642,10 @@ def _usage(outs: list[RequestOutput]) -> dict[str, int]:
     }
 
 
+# The roles of OpenAI chat messages that carry text ("tool" needs tool calls, unsupported).
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
 def _chat_messages(messages: Any) -> list[dict[str, str]]:
     """OpenAI chat messages -> [{"role", "content"}] with text content (parts joined)."""
     bad = "messages must be a non-empty list of {'role': str, 'content': str or text parts}"
@@ -1651,7 +1655,15 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}]: {bad}", param="messages")
+        if m["role"] not in CHAT_ROLES:
+            raise ApiError(
+                400,
+                f"messages[{i}]: unknown role {m['role']!r}; use one of {', '.join(CHAT_ROLES)}",
+                param="messages",
+            )
         content = m.get("content")
+        if content is None and m["role"] != "assistant":  # OpenAI: only an assistant's is optional
+            raise ApiError(400, f"messages[{i}]: a {m['role']} message needs content", param="messages")
         if content is None:
             content = ""
         elif isinstance(content, list):

@@ -54,3 +54,38 @@ def test_plan_argument_forms(tmp_path):
     assert _devices_needed([5, 5, 5]) == 3
     with pytest.raises(PipeliveError, match="layer counts"):
         _read_plan("ten,twenty")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("generate", "--max-model-len", "0", "x"), "argument --max-model-len: must be >= 1, got 0"),
+        (("serve", "--port", "99999"), "argument --port: must be in 0-65535, got 99999"),
+        (("serve", "--dtype", "bogus"), "argument --dtype: invalid choice: 'bogus'"),
+        (("serve", "--max-body-bytes", "-1"), "argument --max-body-bytes: must be >= 1, got -1"),
+        (("serve", "--request-timeout", "-1"), "argument --request-timeout: must be >= 0"),
+        (("serve", "--num-pages", "1"), "argument --num-pages: must be >= 2, got 1"),
+        (("rpc", "status", "--timeout", "0"), "argument --timeout: must be > 0"),
+        (("plan", "--devices", "0:8GiB", "--granule", "0"), "argument --granule: must be >= 1"),
+    ],
+)
+def test_bad_option_values_are_refused_by_name(args, says):
+    r = run_cli(*args, timeout=60)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_plan_files_urls_devices_and_results_are_clear_errors(tmp_path):
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]")
+    far = '{"stages": [{"devices": [200000], "layers": [0, 6]}]}'
+    for args, says in (
+        (("generate", "--model", "tiny-random", "--plan", far, "x"), "names device 200000"),
+        (("generate", "--model", "tiny-random", "--plan", "nope.json", "x"), "nope.json: no such file"),
+        (("serve", "--model", "tiny-random", "--devices", "100000"), "--devices must be in 1-64"),
+        (("rpc", "status", "--url", "notaurl"), "'notaurl' is not an http:// or https:// URL"),
+        (("bench", "compare", str(listed), str(listed)), "not the results of `pipelive bench`"),
+    ):
+        r = run_cli(*args, timeout=60)
+        assert r.returncode in (1, 2) and says in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr

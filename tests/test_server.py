@@ -673,6 +673,34 @@ def test_openai_errors(srv, openai_client):
     assert status == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
 
 
+def test_bad_text_and_chat_roles_are_400_and_a_tiny_temperature_is_served(srv, openai_client):
+    import openai
+
+    def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        # json.dumps writes a lone surrogate as the escape "\\ud800", as a client would send it.
+        status, _, raw = http(srv.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return status, json.loads(raw)
+
+    status, doc = post("/v1/completions", {"model": "tiny-chat", "prompt": "a\ud800", "max_tokens": 2})
+    assert status == 400 and "not valid text" in doc["error"]["message"], doc
+    for messages, why in (
+        ([{"role": "wizard", "content": "hi"}], "unknown role 'wizard'"),
+        ([{"role": "user"}], "needs content"),
+        ([{"role": "user", "content": "\udfff"}], "not valid text"),
+    ):
+        status, doc = post("/v1/chat/completions", {"model": "tiny-chat", "messages": messages})
+        assert status == 400 and why in doc["error"]["message"], doc
+    # A temperature so small that logits / temperature overflow: the limit is greedy decoding
+    # (it stalled the engine on NaN probabilities before).
+    greedy = openai_client.completions.create(model="tiny-chat", prompt="ab", max_tokens=6, temperature=0)
+    tiny = openai_client.completions.create(
+        model="tiny-chat", prompt="ab", max_tokens=6, temperature=5e-324, seed=3
+    )
+    assert tiny.choices[0].text == greedy.choices[0].text
+    with pytest.raises(openai.BadRequestError):  # and serving went on for bad input after it
+        openai_client.completions.create(model="tiny-chat", prompt="a", max_tokens=0)
+
+
 def test_text_deltas_hold_back_what_may_change():
     d = TextDeltas(stop=["STOP"])
     assert d.delta("ab", False) == ""  # the last 3 characters may start "STOP"

@@ -326,11 +326,16 @@ def load_results(path: str) -> dict[str, Any]:
     f = os.path.join(path, "results.json") if os.path.isdir(path) else path
     try:
         with open(f) as fh:
-            return json.load(fh)
+            doc = json.load(fh)
     except OSError as e:
         raise PipeliveError(f"{f}: cannot read results: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise PipeliveError(f"{f}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise PipeliveError(
+            f"{f}: not the results of `pipelive bench` (a JSON object), but a {type(doc).__name__}"
+        )
+    return doc
 
 
 # --------------------------------------------------------------------------------------------
