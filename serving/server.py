@@ -31,6 +31,7 @@ seconds while a reconfiguration rolls back, and the event loop must never wait o
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import hmac
 import json
@@ -157,6 +158,40 @@ class ShuttingDown(Exception):
 class EngineStopped(Exception):
     def __init__(self) -> None:
         super().__init__("the engine loop is not running; see the server log")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+# The HTTP request a handler serves, for code below it that is not handed the request (RPC
+# methods): `until_answered` watches its connection.
+_http_request: contextvars.ContextVar[web.Request | None] = contextvars.ContextVar(
+    "pipelive_http_request", default=None
+)
+
+# How often a handler waiting for a generation checks that its client is still connected.
+DISCONNECT_POLL_S = 0.2
+
+
+async def until_answered(request: web.Request | None, aw: Awaitable[Any]) -> Any:
+    """Awaits `aw` (generations' results); raises ClientGone once the client has hung up, so
+    that the handler's cleanup aborts what nobody will read instead of generating it to
+    max_tokens (streams find out when a write fails; this is for the answers sent whole)."""
+    fut = asyncio.ensure_future(aw)
+    if request is None:
+        return await fut
+    try:
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return fut.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ClientGone()
+    finally:
+        if not fut.done():
+            fut.cancel()
 
 
 class BodyTooLarge(Exception):
@@ -791,7 +826,8 @@ class Frontend:
     ) -> RequestOutput:
         gen = await self.submit(prompt, params, prefix)
         try:
-            return await gen.result()
+            out: RequestOutput = await until_answered(_http_request.get(), gen.result())
+            return out
         finally:
             self.release(gen)
 
@@ -802,8 +838,14 @@ class Frontend:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         openai = request.path.startswith("/v1/")
+        _http_request.set(request)
         try:
             return await handler(request)
+        except ClientGone:
+            log.info(
+                "client of %s %s hung up; its requests were aborted", request.method, request.path
+            )
+            return web.Response(status=499)  # nobody reads it ("client closed request")
         except ApiError as e:
             return e.response()
         except web.HTTPException as e:
@@ -919,6 +961,8 @@ class Frontend:
             )
         try:
             result = await self._dispatch(method, params, authorized)
+        except ClientGone:
+            raise  # no answer to give: the client hung up
         except Exception as e:  # noqa: BLE001 - every failure becomes an error object
             err = self._error_object(e, method)
             return None if not has_id else {"jsonrpc": "2.0", "error": err, "id": rid}
@@ -1371,7 +1415,7 @@ class Frontend:
                 return await self._stream_completion(
                     request, gens, params, cid, created, include_usage
                 )
-            outs = await asyncio.gather(*(g.result() for g in gens))
+            outs = await until_answered(request, asyncio.gather(*(g.result() for g in gens)))
         except RequestTimedOut as e:
             raise ApiError(504, str(e), type="server_error", code="timeout") from None
         except EngineStopped as e:
@@ -1427,7 +1471,7 @@ class Frontend:
         try:
             if stream:
                 return await self._stream_chat(request, gen, params, cid, created, include_usage)
-            out = await gen.result()
+            out = await until_answered(request, gen.result())
         except RequestTimedOut as e:
             raise ApiError(504, str(e), type="server_error", code="timeout") from None
         except EngineStopped as e:
@@ -1663,7 +1707,9 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
             )
         content = m.get("content")
         if content is None and m["role"] != "assistant":  # OpenAI: only an assistant's is optional
-            raise ApiError(400, f"messages[{i}]: a {m['role']} message needs content", param="messages")
+            raise ApiError(
+                400, f"messages[{i}]: a {m['role']} message needs content", param="messages"
+            )
         if content is None:
             content = ""
         elif isinstance(content, list):

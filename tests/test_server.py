@@ -701,6 +701,49 @@ def test_bad_text_and_chat_roles_are_400_and_a_tiny_temperature_is_served(srv, o
         openai_client.completions.create(model="tiny-chat", prompt="a", max_tokens=0)
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "tiny-chat", "prompt": [5, 6], "max_tokens": 50, "ignore_eos": True}),
+        ("/rpc", {"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {"prompt_token_ids": [5, 6], "max_tokens": 50, "ignore_eos": True}}),
+    ],
+)
+def test_a_request_whose_client_hangs_up_is_aborted(srv, path, body):
+    """A whole-answer request (not streamed) whose client closes the connection is aborted,
+    not generated on to max_tokens for nobody; serving goes on."""
+    import socket
+
+    engine = srv.frontend.engine
+    steps: list[int] = []
+
+    def slow(_eng: Any) -> None:  # ~30 ms a step: the request outlives the connection
+        steps.append(1)
+        time.sleep(0.03)
+
+    engine.step_hooks.append(slow)
+    try:
+        host, port = srv.url.split("//")[1].split(":")
+        raw = json.dumps(body).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw
+            )
+            deadline = time.monotonic() + 30
+            while not steps and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert steps, "the request never started"
+        deadline = time.monotonic() + 30
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not engine.has_unfinished()
+        assert len(steps) < 50  # aborted: fewer steps than its 50 tokens need
+    finally:
+        engine.step_hooks.remove(slow)
+    assert all(st.pages.num_used == 0 for st in engine.executor.stages)
+    assert generate_ids(srv, [17], max_tokens=3)["finish_reason"] == "length"
+
+
 def test_text_deltas_hold_back_what_may_change():
     d = TextDeltas(stop=["STOP"])
     assert d.delta("ab", False) == ""  # the last 3 characters may start "STOP"
