@@ -217,6 +217,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.loop_errors = 0  # steps of the background loop that raised (logged, survived)
         self.last_loop_error: str | None = None
+        self.loop_errors_in_a_row = 0  # since the last step that ran through (0: healthy)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.reconfig: Any = None  # the ReconfigController in flight, if any
@@ -668,13 +669,16 @@ class Engine:
         while not self._stop.is_set():
             try:
                 if self.has_unfinished():
-                    if not self.step() and not self.scheduler.has_unfinished():
+                    ran = self.step()
+                    self.loop_errors_in_a_row = 0
+                    if not ran and not self.scheduler.has_unfinished():
                         time.sleep(0.002)  # only a reconfiguration in flight: let its thread work
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
             except Exception as e:  # noqa: BLE001 - the loop of a server must survive a bad step
                 self.loop_errors += 1
+                self.loop_errors_in_a_row += 1
                 self.last_loop_error = f"{type(e).__name__}: {e}"
                 log.exception("engine step failed; serving goes on")
                 time.sleep(0.1)
@@ -766,5 +770,8 @@ class Engine:
                 "waiting": len(self.scheduler.waiting),
                 "preemptions": self.scheduler.num_preemptions,
                 "steps": self.step_count,
+                "loop_errors": self.loop_errors,
+                "loop_errors_in_a_row": self.loop_errors_in_a_row,
+                "last_loop_error": self.last_loop_error,
                 "reconfig": self.reconfig.handle.status() if self.reconfig is not None else None,
             }

@@ -6,7 +6,8 @@ Routes:
     GET  /v1/models             OpenAI-compatible
     POST /v1/completions        OpenAI-compatible; `stream: true` -> server-sent events
     POST /v1/chat/completions   OpenAI-compatible, through the model's chat template
-    GET  /health                200 while serving; 503 while draining or if the engine loop died
+    GET  /health                200 while serving; 503 while draining, if the engine loop died,
+                                or while its steps fail (FAILING_STEPS in a row)
     GET  /metrics               Prometheus text format (a registry of this server's own)
 
 JSON-RPC methods: `generate`, `reconfigure`*, `reconfig_status`, `abort_reconfig`*,
@@ -169,6 +170,9 @@ class ClientGone(Exception):
 _http_request: contextvars.ContextVar[web.Request | None] = contextvars.ContextVar(
     "pipelive_http_request", default=None
 )
+
+# Engine steps failing in a row past which /health answers 503.
+FAILING_STEPS = 3
 
 # How often a handler waiting for a generation checks that its client is still connected.
 DISCONNECT_POLL_S = 0.2
@@ -1277,6 +1281,17 @@ class Frontend:
             return web.json_response({"status": "draining"}, status=503)
         if not self.engine_alive():
             return web.json_response({"status": "engine loop not running"}, status=503)
+        if self.engine.loop_errors_in_a_row >= FAILING_STEPS:
+            # The loop survives a failing step and retries it; past a few in a row nothing is
+            # being served, which a load balancer must hear of.
+            return web.json_response(
+                {
+                    "status": "engine steps failing",
+                    "failed_in_a_row": self.engine.loop_errors_in_a_row,
+                    "last_error": self.engine.last_loop_error,
+                },
+                status=503,
+            )
         return web.json_response({"status": "ok", "model": self.model_name})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:

@@ -42,6 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelive_jax.serving.engine import Engine
+from pipelive_jax.serving.sampling import SamplingParams
 from pipelive_jax.serving.server import (
     GENERATE_KEYS,
     BackgroundServer,
@@ -742,6 +743,33 @@ def test_a_request_whose_client_hangs_up_is_aborted(srv, path, body):
         engine.step_hooks.remove(slow)
     assert all(st.pages.num_used == 0 for st in engine.executor.stages)
     assert generate_ids(srv, [17], max_tokens=3)["finish_reason"] == "length"
+
+
+def test_health_is_503_while_engine_steps_fail_and_ok_once_they_run(srv):
+    engine = srv.frontend.engine
+
+    def broken(_eng: Any) -> None:
+        raise RuntimeError("device lost")
+
+    engine.step_hooks.append(broken)
+    try:
+        rid = engine.add_request([9, 10], SamplingParams(max_tokens=3, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while engine.loop_errors_in_a_row < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, _, raw = http(srv.url + "/health")
+        doc = json.loads(raw)
+        assert status == 503 and doc["status"] == "engine steps failing", doc
+        assert doc["last_error"] == "RuntimeError: device lost"
+        assert result(srv, "status")["loop_errors_in_a_row"] >= 3
+    finally:
+        engine.step_hooks.remove(broken)
+    deadline = time.monotonic() + 30
+    while not engine.requests[rid].finished and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.requests[rid].finish_reason == "length"  # the request survived the failures
+    status, _, raw = http(srv.url + "/health")
+    assert status == 200 and json.loads(raw)["status"] == "ok"
 
 
 def test_text_deltas_hold_back_what_may_change():
