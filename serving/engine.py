@@ -421,7 +421,7 @@ class Engine:
             # While the device computes this step: a live switch dispatches its final patch here.
             self.reconfig.after_dispatch()
         now_outputs: list[RequestOutput] = []
-        failed: list[Request] = []
+        failed: list[tuple[Request, str]] = []
         for group, res in zip(groups, results, strict=True):
             logits, argmax = res.fetch()
             now = time.perf_counter()
@@ -436,16 +436,18 @@ class Engine:
                         assert logits is not None
                         try:
                             tok = sample_token(logits[i], req.params, req.rng)
-                        except Exception:  # noqa: BLE001 - one request's fault ends only it
-                            log.exception("sampling request %s failed; it is aborted", req.request_id)
-                            failed.append(req)
+                        except Exception as e:  # noqa: BLE001 - one request's fault ends only it
+                            log.exception("sampling request %s failed; it ends", req.request_id)
+                            failed.append((req, f"sampling failed: {type(e).__name__}: {e}"))
                             continue
                     self._append_token(req, tok, now)
                     now_outputs.append(req.to_output())
                     self._publish(req)
         # Else the step would fail again on every retry, and every other request with it.
-        for req in failed:
-            self.abort(req.request_id)
+        for req, why in failed:
+            self.scheduler.finish(req, "error")  # frees its pages
+            req.error = why
+            self._publish(req)
             now_outputs.append(req.to_output())
         return now_outputs
 
@@ -674,6 +676,7 @@ class Engine:
                     if not ran and not self.scheduler.has_unfinished():
                         time.sleep(0.002)  # only a reconfiguration in flight: let its thread work
                 else:
+                    self.loop_errors_in_a_row = 0  # nothing to run is nothing failing
                     self._wake.wait(0.05)
                     self._wake.clear()
             except Exception as e:  # noqa: BLE001 - the loop of a server must survive a bad step

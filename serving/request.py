@@ -66,6 +66,7 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     new_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None  # why, when finish_reason is "error" (a server fault, not the input)
 
 
 class Request:
@@ -97,6 +98,7 @@ class Request:
             arrival_time=arrival if arrival is not None else time.perf_counter()
         )
         self.new_ids: list[int] = []  # tokens produced by the latest step (for streaming)
+        self.error: str | None = None
 
     @property
     def all_tokens(self) -> list[int]:
@@ -120,5 +122,6 @@ class Request:
             finish_reason=self.finish_reason,
             metrics=self.metrics,
             new_token_ids=list(self.new_ids),
+            error=self.error,
         )
         return out

@@ -151,6 +151,10 @@ class RequestTimedOut(Exception):
         self.tokens = tokens
 
 
+class RequestFailed(Exception):
+    """The engine ended the request on a fault of its own (finish_reason "error")."""
+
+
 class ShuttingDown(Exception):
     def __init__(self) -> None:
         super().__init__("the server is shutting down and takes no new requests")
@@ -632,7 +636,7 @@ class Generation:
 
     async def next(self) -> RequestOutput:
         """The next output; raises RequestTimedOut past the deadline, EngineStopped if the
-        engine loop is gone."""
+        engine loop is gone, RequestFailed if the engine ended the request on a fault."""
         while True:
             wait = self.LIVENESS_S
             if self.deadline is not None:
@@ -648,6 +652,8 @@ class Generation:
                 if self.queue.empty() and not self.alive():
                     raise EngineStopped() from None
         self.last = out
+        if out.finished and out.finish_reason == "error":
+            raise RequestFailed(out.error or "the request failed; see the server log")
         return out
 
     async def result(self) -> RequestOutput:
@@ -1023,7 +1029,7 @@ class Frontend:
             data = {"timeout_s": e.timeout_s, "tokens_generated": e.tokens}
         elif isinstance(e, ShuttingDown):
             code, message = SHUTTING_DOWN, str(e)
-        elif isinstance(e, EngineStopped):
+        elif isinstance(e, EngineStopped | RequestFailed):
             code, message = INTERNAL_ERROR, str(e)
         elif isinstance(e, PipeliveError):
             code, message = INTERNAL_ERROR, str(e)
@@ -1433,6 +1439,8 @@ class Frontend:
             outs = await until_answered(request, asyncio.gather(*(g.result() for g in gens)))
         except RequestTimedOut as e:
             raise ApiError(504, str(e), type="server_error", code="timeout") from None
+        except RequestFailed as e:
+            raise ApiError(500, str(e), type="server_error", code="generation_failed") from None
         except EngineStopped as e:
             raise ApiError(503, str(e), type="server_error", code="engine_stopped") from None
         finally:
@@ -1489,6 +1497,8 @@ class Frontend:
             out = await until_answered(request, gen.result())
         except RequestTimedOut as e:
             raise ApiError(504, str(e), type="server_error", code="timeout") from None
+        except RequestFailed as e:
+            raise ApiError(500, str(e), type="server_error", code="generation_failed") from None
         except EngineStopped as e:
             raise ApiError(503, str(e), type="server_error", code="engine_stopped") from None
         finally:
@@ -1633,7 +1643,7 @@ class Frontend:
             while True:
                 try:
                     out = await gen.next()
-                except (RequestTimedOut, EngineStopped) as e:
+                except (RequestTimedOut, EngineStopped, RequestFailed) as e:
                     await self._sse_error(resp, e)
                     return resp
                 text = deltas.delta(out.text, out.finished)
@@ -1657,6 +1667,8 @@ class Frontend:
             e = ApiError(504, str(err), type="server_error", code="timeout")
         elif isinstance(err, EngineStopped):
             e = ApiError(503, str(err), type="server_error", code="engine_stopped")
+        elif isinstance(err, RequestFailed):
+            e = ApiError(500, str(err), type="server_error", code="generation_failed")
         else:
             error_id = uuid.uuid4().hex[:12]
             log.error("internal error %s while streaming", error_id, exc_info=err)

@@ -467,10 +467,10 @@ def test_sample_token_tiny_temperature_is_the_greedy_limit():
             assert sample_token(logits, params, rng) == int(np.argmax(logits))
 
 
-def test_a_request_whose_sampling_fails_is_aborted_alone(tiny_llm, tiny_ref, monkeypatch):
-    """A sampling failure (here: forced for the request seeded 13) ends that request, frees its
-    pages and lets the others of its batch finish with their tokens; before, the step failed on
-    every retry, stalling every request."""
+def test_a_request_whose_sampling_fails_ends_alone(tiny_llm, tiny_ref, monkeypatch):
+    """A sampling failure (here: forced for the request seeded 13) ends that request with
+    finish_reason "error" and the reason, frees its pages and lets the others of its batch
+    finish with their tokens; before, the step failed on every retry, stalling every request."""
     from pipelive_jax.serving import engine as engine_mod
 
     real = engine_mod.sample_token
@@ -492,8 +492,10 @@ def test_a_request_whose_sampling_fails_is_aborted_alone(tiny_llm, tiny_ref, mon
         if not eng.has_unfinished():
             break
         seen_bad += [o for o in eng.step() if o.request_id == bad]
-    assert [o.finish_reason for o in seen_bad] == ["abort"]
-    assert eng.get_output(bad).token_ids == []
+    assert [o.finish_reason for o in seen_bad] == ["error"]
+    failed = eng.get_output(bad)
+    assert failed.token_ids == [] and failed.error is not None
+    assert "FloatingPointError: probabilities contain NaN" in failed.error
     assert [eng.get_output(r).token_ids for r in ok] == [tiny_ref[1], tiny_ref[2]]
     _assert_idle(eng)
 

@@ -745,6 +745,33 @@ def test_a_request_whose_client_hangs_up_is_aborted(srv, path, body):
     assert generate_ids(srv, [17], max_tokens=3)["finish_reason"] == "length"
 
 
+def test_a_request_that_fails_in_the_engine_is_a_server_error(srv, monkeypatch):
+    """finish_reason "error" (a fault of the server, here a forced sampling failure) is an
+    HTTP 500 / JSON-RPC internal error with the reason, in a stream too, not a normal answer."""
+    from pipelive_jax.serving import engine as engine_mod
+
+    def failing(logits, params, rng):
+        raise FloatingPointError("probabilities contain NaN")
+
+    monkeypatch.setattr(engine_mod, "sample_token", failing)
+    body = {"model": "tiny-chat", "prompt": [5, 6], "max_tokens": 4, "temperature": 1.0}
+    headers = {"Content-Type": "application/json"}
+    status, _, raw = http(srv.url + "/v1/completions", json.dumps(body).encode(), headers)
+    err = json.loads(raw)["error"]
+    assert status == 500 and err["code"] == "generation_failed", err
+    assert "sampling failed: FloatingPointError" in err["message"]
+    status, _, raw = http(
+        srv.url + "/v1/completions", json.dumps({**body, "stream": True}).encode(), headers
+    )
+    events = [line for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert status == 200 and "generation_failed" in events[-1], events
+    err = error(srv, "generate", {"prompt_token_ids": [5, 6], "max_tokens": 4, "temperature": 1.0})
+    assert err["code"] == -32603 and "sampling failed" in err["message"]
+    monkeypatch.undo()
+    assert generate_ids(srv, [17], max_tokens=3)["finish_reason"] == "length"
+    assert all(st.pages.num_used == 0 for st in srv.frontend.engine.executor.stages)
+
+
 def test_health_is_503_while_engine_steps_fail_and_ok_once_they_run(srv):
     engine = srv.frontend.engine
 
@@ -770,6 +797,22 @@ def test_health_is_503_while_engine_steps_fail_and_ok_once_they_run(srv):
     assert engine.requests[rid].finish_reason == "length"  # the request survived the failures
     status, _, raw = http(srv.url + "/health")
     assert status == 200 and json.loads(raw)["status"] == "ok"
+
+    # Failing steps whose request then goes (aborted): nothing is failing any more.
+    engine.step_hooks.append(broken)
+    try:
+        rid = engine.add_request([9, 11], SamplingParams(max_tokens=3, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while engine.loop_errors_in_a_row < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http(srv.url + "/health")[0] == 503
+        engine.abort(rid)
+        deadline = time.monotonic() + 30
+        while engine.loop_errors_in_a_row and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert http(srv.url + "/health")[0] == 200
+    finally:
+        engine.step_hooks.remove(broken)
 
 
 def test_text_deltas_hold_back_what_may_change():
