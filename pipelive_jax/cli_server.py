@@ -62,7 +62,9 @@ def register(subparsers: Any) -> None:
         "--config", default=None, help="a config of configs/ (model, plan, devices, kv, scheduler)"
     )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    s.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument(
+        "--port", type=port, default=8000, help="port (default 8000; 0 picks a free one)"
+    )
     s.add_argument(
         "--token-file",
         default=None,
@@ -84,7 +86,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
     s.add_argument("--page-size", type=positive_int, default=None)
     s.add_argument("--num-microbatches", type=positive_int, default=None)
-    s.add_argument("--device-memory-bytes", type=positive_int, default=None, help="memory budget per device")
+    s.add_argument(
+        "--device-memory-bytes", type=positive_int, default=None, help="memory budget per device"
+    )
     s.add_argument("--backend", default=None, help="attention kernel backend")
     s.add_argument(
         "--kv-cache-dtype",
@@ -128,7 +132,9 @@ def register(subparsers: Any) -> None:
     r.add_argument(
         "--token-file", default=None, help="token file (when $PIPELIVE_RPC_TOKEN is unset)"
     )
-    r.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait for the answer")
+    r.add_argument(
+        "--timeout", type=positive_float, default=600.0, help="seconds to wait for the answer"
+    )
     r.set_defaults(func=_cmd_rpc)
 
 
@@ -168,7 +174,11 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     elif devices is None:
         devices = max(_devices_needed(plan), DEFAULT_DEVICES)
     if not 1 <= devices <= MAX_HOST_DEVICES:
-        raise PipeliveError(f"--devices must be in 1-{MAX_HOST_DEVICES}, got {devices}")
+        source = "--devices" if args.devices is not None else f"the devices of {args.config}"
+        raise PipeliveError(
+            f"{source}: {devices} host devices; on CPU at most {MAX_HOST_DEVICES} (give 1-"
+            f"{MAX_HOST_DEVICES})"
+        )
     for name in _ENGINE_FLAGS:
         value = getattr(args, name)
         if value is not None:

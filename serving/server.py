@@ -1756,7 +1756,17 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
             content = "".join(parts)
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}]: {bad}", param="messages")
-        out.append({"role": m["role"], "content": content})
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(
+                400,
+                f"messages[{i}]: content is not valid text: {e.reason} at character {e.start}",
+                param="messages",
+            ) from None
+        # OpenAI's "developer" is the system prompt of newer models; the templates know "system".
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
     return out
 
 

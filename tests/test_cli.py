@@ -82,7 +82,7 @@ def test_bad_plan_files_urls_devices_and_results_are_clear_errors(tmp_path):
     for args, says in (
         (("generate", "--model", "tiny-random", "--plan", far, "x"), "names device 200000"),
         (("generate", "--model", "tiny-random", "--plan", "nope.json", "x"), "nope.json: no such file"),
-        (("serve", "--model", "tiny-random", "--devices", "100000"), "--devices must be in 1-64"),
+        (("serve", "--model", "tiny-random", "--devices", "100000"), "--devices: 100000 host devices; on CPU at most 64"),
         (("rpc", "status", "--url", "notaurl"), "'notaurl' is not an http:// or https:// URL"),
         (("bench", "compare", str(listed), str(listed)), "not the results of `pipelive bench`"),
     ):

@@ -392,6 +392,9 @@ class ReconfigController:
                 elif self.mode == "live" and self._new_stages_compiling():
                     # That step met a shape the new plan lacks: back to the patch rounds
                     # (its writes are copied; the dirty record goes on) while it compiles.
+                    # What went behind it was a patch, not the pause's copy.
+                    self.report.bytes_kv_patched += self.report.bytes_kv_final
+                    self.report.bytes_kv_final = 0
                     self._final_step_done = False
                     self._enter("PATCH")
                 else:
