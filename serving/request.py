@@ -56,7 +56,12 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """A snapshot of one request, returned by `Engine.step`, `Engine.stream` and `LLM.generate`."""
+    """A snapshot of one request, returned by `Engine.step`, `Engine.stream` and `LLM.generate`.
+
+    finish_reason: "stop" (EOS, a stop token or string), "length" (max_tokens or max_model_len),
+    "abort" (aborted: by the caller, a client that hung up, a drain), "error" (ended by a fault
+    of the engine, `error` says which; the other requests go on), None while running.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
