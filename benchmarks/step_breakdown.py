@@ -14,6 +14,8 @@ decoding greedily; a step's time is the median over `steps` decode steps at cont
   linears-torch   the same matmuls with torch.nn.functional.linear (as the peer runs them)
   stream          one pass of jnp.sum over as many float32 bytes as the weights: the time the
                   weights alone take to come from memory at the machine's streaming bandwidth
+  dot_backends    linears-xla again under each of XLA's CPU dot back ends (XLA_FLAGS, each in
+                  its own process): whether another library runs the step's matmuls faster
 
 The three engine variants run in separate processes (a patch must be in place before anything
 is traced); the variants are not models anyone should serve, they only split the time.
@@ -38,6 +40,15 @@ import common  # noqa: E402
 from kernel_bench import time_call  # noqa: E402
 
 VARIANTS = ("full", "no-attention", "no-lm-head")
+# XLA_FLAGS of the CPU dot back ends: the default (YNNPACK), oneDNN (two ways), XNNPACK, and
+# Eigen (the YNNPACK fusion turned off).
+DOT_BACKENDS = {
+    "default (YNNPACK)": "",
+    "oneDNN": "--xla_cpu_use_onednn=true",
+    "oneDNN fusion": "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "XNNPACK fusion": "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "Eigen": "--xla_cpu_experimental_ynn_fusion_type=",
+}
 PROMPT_LEN = 128
 
 
@@ -86,7 +97,7 @@ def engine_steps(variant: str, batches: list[int], steps: int) -> dict[str, floa
     return out
 
 
-def linears(batches: list[int], repeats: int = 7) -> dict[str, Any]:
+def linears(batches: list[int], repeats: int = 7, with_torch: bool = True) -> dict[str, Any]:
     """The step's matmuls alone, XLA and torch, and the weights' streaming floor."""
     import jax
     import jax.numpy as jnp
@@ -151,10 +162,9 @@ def linears(batches: list[int], repeats: int = 7) -> dict[str, Any]:
     for b in batches:
         x = rng.standard_normal((b, loaded.config.hidden_size)).astype(np.float32)
         xj, xt = jnp.asarray(x), torch.from_numpy(x)
-        out[str(b)] = {
-            "linears_xla_ms": best(lambda xj=xj: jstep(xj, jws, jhead)),
-            "linears_torch_ms": best(lambda xt=xt: tstep(xt)),
-        }
+        out[str(b)] = {"linears_xla_ms": best(lambda xj=xj: jstep(xj, jws, jhead))}
+        if with_torch:
+            out[str(b)]["linears_torch_ms"] = best(lambda xt=xt: tstep(xt))
     return out
 
 
@@ -165,11 +175,26 @@ def main() -> None:
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--linears-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.variant:  # a child: print one JSON line
         print("RESULT " + json.dumps(engine_steps(args.variant, batches, args.steps)), flush=True)
         return
+    if args.linears_only:  # a child under a dot back end's XLA_FLAGS
+        lin = linears(batches, with_torch=False)
+        print("RESULT " + json.dumps({b: lin[str(b)]["linears_xla_ms"] for b in batches}))
+        return
+
+    def child(extra: list[str], env: dict[str, str], what: str) -> dict[str, float]:
+        cmd = [sys.executable, os.path.abspath(__file__), *extra, "--batches", args.batches,
+               "--steps", str(args.steps)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+        result: dict[str, float] = json.loads(line[-1][len("RESULT ") :])
+        return result
 
     config = {"model": "smollm2-135m", "dtype": "float32", "plan": "one stage",
               "prompt_len": PROMPT_LEN, "batches": batches, "decode_steps_timed": args.steps}  # fmt: skip
@@ -177,18 +202,22 @@ def main() -> None:
     for v in VARIANTS:
         common.log(f"engine variant {v} ...")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--batches", args.batches,
-               "--steps", str(args.steps)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"variant {v} failed:\n{proc.stderr[-3000:]}")
-        steps[v] = json.loads(line[-1][len("RESULT ") :])
+        steps[v] = child(["--variant", v], env, f"variant {v}")
         common.log(f"  {steps[v]}")
+    dots: dict[str, dict[str, Any]] = {}
+    for name, flags in DOT_BACKENDS.items():
+        common.log(f"matmuls alone under {name} ({flags or 'no flags'}) ...")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=flags)
+        dots[name] = {"xla_flags": flags, "ms": child(["--linears-only"], env, name)}
+        common.log(f"  {dots[name]['ms']}")
+    base = dots["default (YNNPACK)"]["ms"]
+    for d in dots.values():
+        d["vs_default"] = {b: common.ratio(ms, base[b]) for b, ms in d["ms"].items()}
     common.log("matmuls alone (XLA, torch) and the streaming floor ...")
     lin = linears(batches)
     results: dict[str, Any] = {"stream_ms": lin["stream_ms"], "stream_gb_s": lin["stream_gb_s"],
-                               "weight_bytes": lin["weight_bytes"], "by_batch": {}}  # fmt: skip
+                               "weight_bytes": lin["weight_bytes"], "by_batch": {},
+                               "dot_backends": dots}  # fmt: skip
     for b in map(str, batches):
         full = steps["full"][b]
         row = {
