@@ -8,6 +8,7 @@ directory written by `models/checkpoint.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from typing import Any
 
 from flax import nnx
 
-from pipelive_jax.errors import ModelLoadError
+from pipelive_jax.config import DTYPES
+from pipelive_jax.errors import ConfigError, ModelLoadError
 from pipelive_jax.models.llama import LlamaConfig, LlamaModel
 from pipelive_jax.models.tokenizer import Tokenizer
 
@@ -63,16 +65,25 @@ def smollm2_path() -> str:
     return path
 
 
-def tiny_random(seed: int = 0, config: LlamaConfig = TINY_RANDOM) -> LoadedModel:
-    """Seeded random weights; norms perturbed from 1 so that tests see them."""
+def tiny_random(
+    seed: int = 0, config: LlamaConfig = TINY_RANDOM, dtype: str = "float32"
+) -> LoadedModel:
+    """Seeded random weights; norms perturbed from 1 so that tests see them. Drawn in float32
+    and stored in `dtype`, so that every dtype holds the same weights, rounded."""
     import jax
 
+    config = dataclasses.replace(config, dtype="float32")
     model = LlamaModel(config, rngs=nnx.Rngs(seed))
     key = jax.random.key(seed + 1)
     for i, layer in enumerate(model.layers):
         for j, norm in enumerate((layer.input_norm, layer.post_norm)):
             k = jax.random.fold_in(key, 2 * i + j)
             norm.weight[...] = 1.0 + 0.1 * jax.random.normal(k, norm.weight[...].shape)
+    if dtype != "float32":
+        weights = jax.tree.map(lambda a: a.astype(dtype), nnx.state(model))
+        config = dataclasses.replace(config, dtype=dtype)
+        model = LlamaModel(config, rngs=nnx.Rngs(seed))
+        nnx.update(model, weights)
     return LoadedModel("tiny-random", config, model, None, f"random(seed={seed})")
 
 
@@ -110,8 +121,10 @@ def load_model(
     name_or_path: str, *, dtype: str = "float32", progress: bool = False, seed: int = 0
 ) -> LoadedModel:
     """Loads a model by registry name or path. Raises ModelLoadError naming what was wrong."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if name_or_path == "tiny-random":
-        return tiny_random(seed)
+        return tiny_random(seed, dtype=dtype)
     if name_or_path == "smollm2-135m":
         return load_gguf_model(smollm2_path(), name="smollm2-135m", dtype=dtype, progress=progress)
     path = os.path.expanduser(name_or_path)

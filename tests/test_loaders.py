@@ -251,6 +251,22 @@ def test_load_model_unknown_name():
         load_model("llama-9000")
 
 
+def test_tiny_random_honours_dtype_and_a_bad_dtype_is_named(tiny):
+    import jax
+    from flax import nnx
+
+    from pipelive_jax.errors import ConfigError
+
+    bf16 = load_model("tiny-random", dtype="bfloat16")
+    leaves = jax.tree.leaves(nnx.state(bf16.model))
+    assert {str(a.dtype) for a in leaves} == {"bfloat16"}
+    # The same seeded weights, rounded: not a different model.
+    ref = jax.tree.leaves(nnx.state(tiny.model))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b.astype(a.dtype))) for a, b in zip(leaves, ref, strict=True))
+    with pytest.raises(ConfigError, match="dtype must be one of float32, bfloat16, float16, got 'bogus'"):
+        load_model("tiny-random", dtype="bogus")
+
+
 def test_load_model_missing_path(tmp_path):
     missing = str(tmp_path / "nowhere" / "model.gguf")
     with pytest.raises(ModelLoadError) as err:
