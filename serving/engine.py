@@ -49,7 +49,7 @@ from pipelive_jax.serving.pipeline import (
     start_compile_thread,
 )
 from pipelive_jax.serving.request import Request, RequestOutput
-from pipelive_jax.serving.sampling import SamplingParams, sample_token
+from pipelive_jax.serving.sampling import SamplingParams, sample_token, token_logprob
 from pipelive_jax.serving.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pipelive.engine")
@@ -440,6 +440,9 @@ class Engine:
                             log.exception("sampling request %s failed; it ends", req.request_id)
                             failed.append((req, f"sampling failed: {type(e).__name__}: {e}"))
                             continue
+                    if req.logprobs is not None:
+                        assert logits is not None and req.params.logprobs is not None
+                        req.logprobs.append(token_logprob(logits[i], tok, req.params.logprobs))
                     self._append_token(req, tok, now)
                     now_outputs.append(req.to_output())
                     self._publish(req)
@@ -522,7 +525,9 @@ class Engine:
             logits_indices=logits_idx,
             slot_mapping=slot_maps,
             block_tables=tables,
-            greedy=all(s.request.params.greedy for s in seqs),
+            # Greedy rows take the device's argmax; the logits come back only when a row samples
+            # or wants log-probabilities.
+            greedy=all(s.request.params.greedy and s.request.params.logprobs is None for s in seqs),
         )
 
     def _compiled_shape(self, exact: BatchShape) -> BatchShape:

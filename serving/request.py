@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelive_jax.serving.sampling import SamplingParams
+from pipelive_jax.serving.sampling import SamplingParams, TokenLogprob
 
 
 class RequestState(enum.Enum):
@@ -72,6 +72,7 @@ class RequestOutput:
     metrics: RequestMetrics
     new_token_ids: list[int] = field(default_factory=list)
     error: str | None = None  # why, when finish_reason is "error" (a server fault, not the input)
+    logprobs: list[TokenLogprob] | None = None  # per token_ids entry, when params.logprobs is set
 
 
 class Request:
@@ -104,6 +105,7 @@ class Request:
         )
         self.new_ids: list[int] = []  # tokens produced by the latest step (for streaming)
         self.error: str | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
 
     @property
     def all_tokens(self) -> list[int]:
@@ -128,5 +130,6 @@ class Request:
             metrics=self.metrics,
             new_token_ids=list(self.new_ids),
             error=self.error,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
         )
         return out

@@ -14,6 +14,8 @@ import numpy as np
 
 from pipelive_jax.errors import RequestError
 
+MAX_LOGPROBS = 20  # the most top tokens a request may ask log-probabilities for (as OpenAI)
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +24,9 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 or -1 disables top-k; top_p 1.0 disables nucleus sampling.
     `stop` strings end generation when they appear in the output text (the text is cut before
     them); `stop_token_ids` end it on those tokens (the token is kept in token_ids).
+    `logprobs` (None: off) asks for each generated token's log-probability and the `logprobs`
+    most likely tokens' (0: the generated token's only), under the model's own distribution
+    (before temperature, top-k and top-p, as vLLM's default).
     """
 
     max_tokens: int = 16
@@ -32,6 +37,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,10 +72,38 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("logprobs", f"must be None or an integer in 0-{MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely tokens' (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """Log-softmax of logits [vocab] (in float64) at `token`, and the `k` largest."""
+    x = logits.astype(np.float64)
+    m = np.max(x)
+    lp = x - (m + np.log(np.sum(np.exp(x - m))))
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        idx = np.argpartition(-lp, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -lp[idx]))]  # most likely first; ties by id
+        top = [(int(i), float(lp[i])) for i in idx]
+    return TokenLogprob(int(token), float(lp[token]), top)
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

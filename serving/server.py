@@ -70,7 +70,7 @@ from pipelive_jax.errors import (
     RequestError,
 )
 from pipelive_jax.serving.rpc_client import TOKEN_ENV, default_token_path
-from pipelive_jax.serving.sampling import SamplingParams
+from pipelive_jax.serving.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from pipelive_jax.models.registry import LoadedModel
@@ -386,6 +386,7 @@ def sampling_params(
             stop=_stop_field(body),
             stop_token_ids=_token_ids_field(body, "stop_token_ids", empty_ok=True) or [],
             ignore_eos=_bool_field(body, "ignore_eos", False),
+            logprobs=_int_field(body, "logprobs", None, minimum=0, maximum=MAX_LOGPROBS),
         )
     except RequestError as e:
         raise ParamError(None, str(e)) from None
@@ -705,6 +706,7 @@ GENERATE_KEYS = frozenset(
         "stop",
         "stop_token_ids",
         "ignore_eos",
+        "logprobs",
     }
 )
 RECONFIGURE_KEYS = frozenset({"plan", "mode", "pause_budget_ms", "max_rounds", "dry_run"})
@@ -1060,13 +1062,19 @@ class Frontend:
             prompt = ids
         params = sampling_params(p, max_tokens=16, temperature=0.0)
         out = await self.complete(prompt, params, "rpc")
-        return {
+        answer = {
             "request_id": out.request_id,
             "text": out.text,
             "token_ids": out.token_ids,
             "finish_reason": out.finish_reason,
             "metrics": _request_metrics(out),
         }
+        if out.logprobs is not None:
+            answer["logprobs"] = [
+                {"token_id": t.token_id, "logprob": t.logprob, "top": [list(p) for p in t.top]}
+                for t in out.logprobs
+            ]
+        return answer
 
     def _snapshot(self) -> tuple[dict[str, Any], PipelinePlan, dict[int, int]]:
         """(engine status, the serving plan, pages in use per device), from one locked read."""
@@ -1357,8 +1365,6 @@ class Frontend:
                 raise ApiError(400, f"{name} is not supported", param=name)
         if body.get("logit_bias"):
             raise ApiError(400, "logit_bias is not supported", param="logit_bias")
-        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
         return body
 
     @staticmethod
@@ -1367,6 +1373,15 @@ class Frontend:
             name = "max_tokens"
             if chat and body.get("max_completion_tokens") is not None:
                 name = "max_completion_tokens"
+            if chat:
+                # Chat asks with logprobs: true and top_logprobs: k; completions with logprobs: k.
+                want = _bool_field(body, "logprobs", False)
+                top = _int_field(body, "top_logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
+                if top is not None and not want:
+                    raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
+                body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+                if want:
+                    body["logprobs"] = top or 0
             return sampling_params(
                 body, max_tokens=max_tokens, temperature=1.0, max_tokens_name=name
             )
@@ -1456,7 +1471,7 @@ class Frontend:
                     {
                         "index": i,
                         "text": out.text,
-                        "logprobs": None,
+                        "logprobs": self._completion_logprobs(out.logprobs),
                         "finish_reason": out.finish_reason,
                         "token_ids": out.token_ids,
                     }
@@ -1513,7 +1528,7 @@ class Frontend:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": out.text},
-                        "logprobs": None,
+                        "logprobs": self._chat_logprobs(out.logprobs),
                         "finish_reason": out.finish_reason,
                     }
                 ],
@@ -1575,7 +1590,8 @@ class Frontend:
                     return resp
                 assert out is not None
                 text = deltas[i].delta(out.text, out.finished)
-                if text or out.finished:
+                new = _new_logprobs(out)
+                if text or out.finished or new:
                     await self._sse(
                         resp,
                         {
@@ -1587,7 +1603,7 @@ class Frontend:
                                 {
                                     "index": i,
                                     "text": text,
-                                    "logprobs": None,
+                                    "logprobs": self._completion_logprobs(new),
                                     "finish_reason": out.finish_reason if out.finished else None,
                                 }
                             ],
@@ -1627,14 +1643,16 @@ class Frontend:
         resp = await self._sse_start(request)
         deltas = TextDeltas(params.stop)
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        def chunk(
+            delta: dict[str, Any], finish: str | None, logprobs: Any = None
+        ) -> dict[str, Any]:
             return {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.model_name,
                 "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 ],
             }
 
@@ -1647,8 +1665,9 @@ class Frontend:
                     await self._sse_error(resp, e)
                     return resp
                 text = deltas.delta(out.text, out.finished)
-                if text:
-                    await self._sse(resp, chunk({"content": text}, None))
+                new = _new_logprobs(out)
+                if text or new:
+                    await self._sse(resp, chunk({"content": text}, None, self._chat_logprobs(new)))
                 if out.finished:
                     await self._sse(resp, chunk({}, out.finish_reason))
                     break
@@ -1661,6 +1680,44 @@ class Frontend:
         except ConnectionError:
             pass
         return resp
+
+    # ------------------------------------------------------------------ log-probabilities
+
+    def _piece(self, token_id: int) -> str:
+        tok = self.engine.tokenizer
+        return tok.decode([token_id]) if tok is not None else f"token_id:{token_id}"
+
+    def _completion_logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """OpenAI completions' `logprobs` object for these tokens (None: not asked for)."""
+        if lps is None:
+            return None
+        tokens = [self._piece(t.token_id) for t in lps]
+        offsets, at = [], 0
+        for piece in tokens:
+            offsets.append(at)
+            at += len(piece)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{self._piece(i): lp for i, lp in t.top} for t in lps],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """OpenAI chat's `logprobs` object for these tokens (None: not asked for)."""
+        if lps is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            piece = self._piece(token_id)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                for t in lps
+            ]
+        }
 
     async def _sse_error(self, resp: web.StreamResponse, err: BaseException) -> None:
         if isinstance(err, RequestTimedOut):
@@ -1677,6 +1734,13 @@ class Frontend:
             resp,
             {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
         )
+
+
+def _new_logprobs(out: RequestOutput) -> list[TokenLogprob] | None:
+    """The log-probabilities of the tokens `out` added (None when the request asked for none)."""
+    if out.logprobs is None or not out.new_token_ids:
+        return None
+    return out.logprobs[len(out.logprobs) - len(out.new_token_ids) :]
 
 
 def _op_id(index: int) -> str:

@@ -500,6 +500,34 @@ def test_a_request_whose_sampling_fails_ends_alone(tiny_llm, tiny_ref, monkeypat
     _assert_idle(eng)
 
 
+def test_logprobs_match_the_reference_and_leave_tokens_alone(tiny, tiny_llm, tiny_ref):
+    """Each generated token's log-probability and the top 3 are the log-softmax of the reference
+    forward pass's logits at that position; asking for them changes no token (greedy rows still
+    take the device argmax) and a sampled row reports its sampled token."""
+    greedy = SamplingParams(max_tokens=N_NEW, ignore_eos=True, logprobs=3)
+    sampled = SamplingParams(max_tokens=N_NEW, ignore_eos=True, logprobs=0, temperature=1.0, seed=5)
+    outs = tiny_llm.generate([TINY_PROMPTS[2], TINY_PROMPTS[4], TINY_PROMPTS[4]], [greedy, greedy, sampled])
+    assert [o.token_ids for o in outs[:2]] == [tiny_ref[2], tiny_ref[4]]
+    for out, prompt, k in zip(outs, (TINY_PROMPTS[2], TINY_PROMPTS[4], TINY_PROMPTS[4]), (3, 3, 0), strict=True):
+        ref = _logits(tiny.model, prompt + out.token_ids, pad_to=80).astype(np.float64)
+        assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+        for j, lp in enumerate(out.logprobs):
+            row = ref[len(prompt) - 1 + j]
+            log_sm = row - row.max() - np.log(np.sum(np.exp(row - row.max())))
+            assert lp.token_id == out.token_ids[j]
+            np.testing.assert_allclose(lp.logprob, log_sm[lp.token_id], atol=2e-4)
+            assert len(lp.top) == k
+            if k:
+                ids = [t for t, _ in lp.top]
+                np.testing.assert_allclose([v for _, v in lp.top], log_sm[ids], atol=2e-4)
+                np.testing.assert_allclose([v for _, v in lp.top], np.sort(log_sm)[::-1][:k], atol=2e-4)
+                assert lp.top[0][0] == lp.token_id  # greedy: the most likely one
+    plain = tiny_llm.generate([TINY_PROMPTS[2]], SamplingParams(max_tokens=N_NEW, ignore_eos=True))
+    assert plain[0].logprobs is None and plain[0].token_ids == tiny_ref[2]
+    with pytest.raises(RequestError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
 def test_sample_token_greedy_draws_no_random_numbers():
     a, b = np.random.default_rng(5), np.random.default_rng(5)
     logits = np.array([0.1, 3.0, -1.0], np.float32)

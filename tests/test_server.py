@@ -655,7 +655,7 @@ def test_openai_errors(srv, openai_client):
 
     with pytest.raises(openai.NotFoundError):
         openai_client.completions.create(model="gpt-4", prompt="a", max_tokens=2)
-    for kw in ({"max_tokens": 0}, {"n": 2}, {"temperature": -1}, {"logprobs": 2}):
+    for kw in ({"max_tokens": 0}, {"n": 2}, {"temperature": -1}, {"logprobs": 21}):
         with pytest.raises(openai.BadRequestError) as e:
             openai_client.completions.create(
                 model="tiny-chat", prompt="a", **{"max_tokens": 2, **kw}
@@ -813,6 +813,53 @@ def test_health_is_503_while_engine_steps_fail_and_ok_once_they_run(srv):
         assert http(srv.url + "/health")[0] == 200
     finally:
         engine.step_hooks.remove(broken)
+
+
+def test_logprobs_in_completions_chat_streams_and_rpc(srv, openai_client):
+    """The same greedy request's log-probabilities, as each API shapes them: RPC (ids), the
+    completions object, the chat object, and the streams of both (concatenated)."""
+    import openai
+
+    ids = [7, 8, 9]
+    r = result(srv, "generate", {"prompt_token_ids": ids, "max_tokens": 5, "ignore_eos": True, "logprobs": 2})
+    assert len(r["logprobs"]) == 5 and [t["token_id"] for t in r["logprobs"]] == r["token_ids"]
+    assert all(t["top"][0][0] == t["token_id"] and len(t["top"]) == 2 for t in r["logprobs"])
+    want = [t["logprob"] for t in r["logprobs"]]
+    assert all(v <= 0 for v in want)
+    assert "logprobs" not in result(srv, "generate", {"prompt_token_ids": ids, "max_tokens": 2})
+
+    common = dict(model="tiny-chat", prompt=ids, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    c = openai_client.completions.create(logprobs=2, **common)
+    lp = c.choices[0].logprobs
+    np.testing.assert_allclose(lp.token_logprobs, want, rtol=0, atol=1e-6)
+    assert len(lp.tokens) == 5 and all(len(d) <= 2 for d in lp.top_logprobs)
+    # Pieces decode one token each (a lone byte of a multi-byte character reads U+FFFD).
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    streamed = [
+        v for ch in openai_client.completions.create(logprobs=2, stream=True, **common)
+        if ch.choices and ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs
+    ]
+    np.testing.assert_allclose(streamed, want, rtol=0, atol=1e-6)
+    assert openai_client.completions.create(**common).choices[0].logprobs is None
+
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = dict(model="tiny-chat", messages=msgs, max_tokens=4, temperature=0)
+    one = openai_client.chat.completions.create(logprobs=True, top_logprobs=3, **chat).choices[0]
+    content = one.logprobs.content
+    assert len(content) == 4
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    streamed = [
+        t.logprob for ch in openai_client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **chat)
+        if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content
+    ]
+    np.testing.assert_allclose(streamed, [t.logprob for t in content], rtol=0, atol=1e-6)
+    for bad in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+        with pytest.raises(openai.BadRequestError) as e:
+            openai_client.chat.completions.create(**chat, **bad)
+        assert e.value.param == "top_logprobs", e.value.body
+    with pytest.raises(openai.BadRequestError):
+        openai_client.completions.create(**{**common, "extra_body": {"logprobs": 21}})
 
 
 def test_text_deltas_hold_back_what_may_change():
