@@ -616,6 +616,26 @@ def test_eos_stops_unless_ignored(tiny_ref):
 
 
 @pytest.mark.smollm2
+def test_smollm2_logprobs_match_the_reference(smollm2, smol_llm, smol_ref):
+    (out,) = smol_llm.generate(
+        SMOL_PROMPTS[0], SamplingParams(max_tokens=N_NEW, ignore_eos=True, logprobs=5)
+    )
+    assert out.token_ids == smol_ref[0]
+    prompt = smollm2.tokenizer.encode(SMOL_PROMPTS[0])
+    ref = _logits(smollm2.model, prompt + out.token_ids, pad_to=32).astype(np.float64)
+    assert out.logprobs is not None
+    for j, lp in enumerate(out.logprobs):
+        row = ref[len(prompt) - 1 + j]
+        log_sm = row - row.max() - np.log(np.sum(np.exp(row - row.max())))
+        np.testing.assert_allclose(lp.logprob, log_sm[lp.token_id], atol=1e-3)
+        np.testing.assert_allclose([v for _, v in lp.top], np.sort(log_sm)[::-1][:5], atol=1e-3)
+        assert lp.top[0][0] == lp.token_id
+    assert smollm2.tokenizer.decode([out.token_ids[0]]).strip() == "Paris"
+    assert out.logprobs[0].logprob > np.log(0.3)  # the model is sure of it
+    _assert_idle(smol_llm.engine)
+
+
+@pytest.mark.smollm2
 def test_smollm2_stop_string_cuts_the_text(smollm2, smol_llm, smol_ref):
     tok = smollm2.tokenizer
     (full,) = smol_llm.generate(SMOL_PROMPTS[0], GREEDY)
