@@ -49,7 +49,12 @@ from pipelive_jax.serving.pipeline import (
     start_compile_thread,
 )
 from pipelive_jax.serving.request import Request, RequestOutput
-from pipelive_jax.serving.sampling import SamplingParams, sample_token, token_logprob
+from pipelive_jax.serving.sampling import (
+    SamplingParams,
+    apply_penalties,
+    sample_token,
+    token_logprob,
+)
 from pipelive_jax.serving.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 
 log = logging.getLogger("pipelive.engine")
@@ -430,12 +435,16 @@ class Engine:
                 req.new_ids = []
                 req.num_computed = s.start + s.num_tokens
                 if s.completes_prompt:
-                    if req.params.greedy:
+                    p = req.params
+                    if p.greedy and not p.penalized:
                         tok = int(argmax[i])
                     else:
                         assert logits is not None
                         try:
-                            tok = sample_token(logits[i], req.params, req.rng)
+                            row = logits[i]
+                            if p.penalized:
+                                row = apply_penalties(row, req.prompt_ids, req.output_ids, p)
+                            tok = int(np.argmax(row)) if p.greedy else sample_token(row, p, req.rng)
                         except Exception as e:  # noqa: BLE001 - one request's fault ends only it
                             log.exception("sampling request %s failed; it ends", req.request_id)
                             failed.append((req, f"sampling failed: {type(e).__name__}: {e}"))
@@ -527,7 +536,7 @@ class Engine:
             block_tables=tables,
             # Greedy rows take the device's argmax; the logits come back only when a row samples
             # or wants log-probabilities.
-            greedy=all(s.request.params.greedy and s.request.params.logprobs is None for s in seqs),
+            greedy=not any(s.request.params.needs_logits for s in seqs),
         )
 
     def _compiled_shape(self, exact: BatchShape) -> BatchShape:

@@ -26,7 +26,11 @@ class SamplingParams:
     them); `stop_token_ids` end it on those tokens (the token is kept in token_ids).
     `logprobs` (None: off) asks for each generated token's log-probability and the `logprobs`
     most likely tokens' (0: the generated token's only), under the model's own distribution
-    (before temperature, top-k and top-p, as vLLM's default).
+    (before penalties, temperature, top-k and top-p, as vLLM's default).
+    Penalties change the logits before greedy or sampled picking, as vLLM's: `presence_penalty`
+    is subtracted from every token already generated, `frequency_penalty` once per time it was
+    generated (both in [-2, 2]); `repetition_penalty` (> 0, 1 is off) divides the positive logits
+    and multiplies the negative ones of every token in the prompt or the output.
     """
 
     max_tokens: int = 16
@@ -38,6 +42,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -78,10 +85,43 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be None or an integer in 0-{MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
+                raise bad(name, "must be a number in [-2, 2]")
+        rp = self.repetition_penalty
+        if not isinstance(rp, int | float) or isinstance(rp, bool) or not 0 < rp < float("inf"):
+            raise bad("repetition_penalty", "must be a finite number > 0 (1 is off)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether picking this request's token needs the logits on the host (else the
+        device's argmax does)."""
+        return not self.greedy or self.penalized or self.logprobs is not None
+
+
+def apply_penalties(
+    logits: np.ndarray, prompt_ids: list[int], output_ids: list[int], params: SamplingParams
+) -> np.ndarray:
+    """Logits [vocab] with `params`' penalties applied (a float64 copy; see SamplingParams)."""
+    x = logits.astype(np.float64)
+    rp = params.repetition_penalty
+    if rp != 1:
+        seen = np.unique(np.asarray(prompt_ids + output_ids, dtype=np.int64))
+        v = x[seen]
+        x[seen] = np.where(v > 0, v / rp, v * rp)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+        x[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return x
 
 
 @dataclass(frozen=True)

@@ -387,6 +387,11 @@ def sampling_params(
             stop_token_ids=_token_ids_field(body, "stop_token_ids", empty_ok=True) or [],
             ignore_eos=_bool_field(body, "ignore_eos", False),
             logprobs=_int_field(body, "logprobs", None, minimum=0, maximum=MAX_LOGPROBS),
+            presence_penalty=_float_field(body, "presence_penalty", 0.0, minimum=-2, maximum=2),
+            frequency_penalty=_float_field(body, "frequency_penalty", 0.0, minimum=-2, maximum=2),
+            repetition_penalty=_float_field(
+                body, "repetition_penalty", 1.0, minimum=0.0, exclusive_minimum=True
+            ),
         )
     except RequestError as e:
         raise ParamError(None, str(e)) from None
@@ -707,6 +712,9 @@ GENERATE_KEYS = frozenset(
         "stop_token_ids",
         "ignore_eos",
         "logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
     }
 )
 RECONFIGURE_KEYS = frozenset({"plan", "mode", "pause_budget_ms", "max_rounds", "dry_run"})
@@ -1360,9 +1368,6 @@ class Frontend:
         best_of = body.get("best_of")
         if best_of is not None and best_of != 1:
             raise ApiError(400, "only best_of=1 is supported", param="best_of")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if body.get(name) not in (None, 0, 0.0):
-                raise ApiError(400, f"{name} is not supported", param=name)
         if body.get("logit_bias"):
             raise ApiError(400, "logit_bias is not supported", param="logit_bias")
         return body

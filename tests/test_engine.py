@@ -26,7 +26,7 @@ from pipelive_jax.models.llama import full_sequence_logits
 from pipelive_jax.models.registry import TINY_RANDOM, tiny_random
 from pipelive_jax.serving.engine import Engine
 from pipelive_jax.serving.llm import LLM
-from pipelive_jax.serving.sampling import SamplingParams, sample_token
+from pipelive_jax.serving.sampling import SamplingParams, apply_penalties, sample_token
 
 N_NEW = 8
 GREEDY = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
@@ -526,6 +526,44 @@ def test_logprobs_match_the_reference_and_leave_tokens_alone(tiny, tiny_llm, tin
     assert plain[0].logprobs is None and plain[0].token_ids == tiny_ref[2]
     with pytest.raises(RequestError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+def test_apply_penalties_by_hand():
+    logits = np.array([2.0, -1.0, 0.5, 3.0, -2.0], np.float32)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    # prompt has token 1; output has 3 twice and 2 once
+    got = apply_penalties(logits, [1], [3, 2, 3], p)
+    want = [2.0, -1.0 * 2, 0.5 / 2 - 0.25 - 0.5, 3.0 / 2 - 0.5 - 0.5, -2.0]
+    np.testing.assert_allclose(got, want)
+    assert logits[3] == 3.0  # the input is left alone
+    np.testing.assert_array_equal(apply_penalties(logits, [1], [3], SamplingParams()), logits)
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0)):
+        with pytest.raises(RequestError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+def test_penalized_greedy_follows_the_reference(tiny, tiny_llm, tiny_ref):
+    """Greedy decoding under presence, frequency and repetition penalties equals a reference
+    loop that applies them (written here again) to the reference forward pass's logits."""
+    params = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.5)
+    prompt = TINY_PROMPTS[5]
+    ids: list[int] = list(prompt)
+    for _ in range(N_NEW):
+        row = _logits(tiny.model, ids, pad_to=80)[-1].astype(np.float64)
+        for t in set(ids):
+            row[t] = row[t] / 1.5 if row[t] > 0 else row[t] * 1.5
+        out = ids[len(prompt) :]
+        for t in set(out):
+            row[t] -= 1.0 * out.count(t) + 0.5
+        ids.append(int(np.argmax(row)))
+    want = ids[len(prompt) :]
+    assert want != tiny_ref[5]  # the penalties change the greedy continuation
+    (got,) = tiny_llm.generate([prompt], SamplingParams(max_tokens=N_NEW, ignore_eos=True, **params))
+    assert got.token_ids == want
+    sampled = SamplingParams(max_tokens=N_NEW, ignore_eos=True, temperature=1.0, seed=9, **params)
+    a, b = tiny_llm.generate([prompt, prompt], [sampled, sampled])
+    assert a.token_ids == b.token_ids  # seeded sampling stays reproducible
+    _assert_idle(tiny_llm.engine)
 
 
 def test_sample_token_greedy_draws_no_random_numbers():

@@ -655,7 +655,14 @@ def test_openai_errors(srv, openai_client):
 
     with pytest.raises(openai.NotFoundError):
         openai_client.completions.create(model="gpt-4", prompt="a", max_tokens=2)
-    for kw in ({"max_tokens": 0}, {"n": 2}, {"temperature": -1}, {"logprobs": 21}):
+    for kw in (
+        {"max_tokens": 0},
+        {"n": 2},
+        {"temperature": -1},
+        {"logprobs": 21},
+        {"presence_penalty": 3},
+        {"frequency_penalty": -2.5},
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             openai_client.completions.create(
                 model="tiny-chat", prompt="a", **{"max_tokens": 2, **kw}
@@ -860,6 +867,22 @@ def test_logprobs_in_completions_chat_streams_and_rpc(srv, openai_client):
         assert e.value.param == "top_logprobs", e.value.body
     with pytest.raises(openai.BadRequestError):
         openai_client.completions.create(**{**common, "extra_body": {"logprobs": 21}})
+
+
+def test_penalties_reach_the_engine(srv, openai_client):
+    """The penalty fields are taken (OpenAI's two and vLLM's repetition_penalty) and change the
+    greedy tokens the way the engine's own penalties do (checked against a reference there)."""
+    ids = [7, 7, 8, 7]
+    plain = result(srv, "generate", {"prompt_token_ids": ids, "max_tokens": 8, "ignore_eos": True})
+    strong = {"repetition_penalty": 3.0, "frequency_penalty": 2.0, "presence_penalty": 2.0}
+    rpc_out = result(srv, "generate", {"prompt_token_ids": ids, "max_tokens": 8, "ignore_eos": True, **strong})
+    c = openai_client.completions.create(
+        model="tiny-chat", prompt=ids, max_tokens=8, temperature=0,
+        presence_penalty=2.0, frequency_penalty=2.0,
+        extra_body={"ignore_eos": True, "repetition_penalty": 3.0},
+    )  # fmt: skip
+    assert c.choices[0].token_ids == rpc_out["token_ids"] != plain["token_ids"]
+    assert error(srv, "generate", {"prompt_token_ids": ids, "repetition_penalty": 0})["code"] == -32602
 
 
 def test_text_deltas_hold_back_what_may_change():
