@@ -377,6 +377,7 @@ class Engine:
             if req is None or req.finished:
                 return False
             self.scheduler.finish(req, "abort")
+            req.new_ids = []  # this output adds no token
             self._publish(req)
             return True
 
@@ -436,22 +437,26 @@ class Engine:
                 req.num_computed = s.start + s.num_tokens
                 if s.completes_prompt:
                     p = req.params
-                    if p.greedy and not p.penalized:
-                        tok = int(argmax[i])
-                    else:
-                        assert logits is not None
-                        try:
+                    lp = None
+                    try:
+                        if p.greedy and not p.penalized:
+                            tok = int(argmax[i])
+                        else:
+                            assert logits is not None
                             row = logits[i]
                             if p.penalized:
                                 row = apply_penalties(row, req.prompt_ids, req.output_ids, p)
                             tok = int(np.argmax(row)) if p.greedy else sample_token(row, p, req.rng)
-                        except Exception as e:  # noqa: BLE001 - one request's fault ends only it
-                            log.exception("sampling request %s failed; it ends", req.request_id)
-                            failed.append((req, f"sampling failed: {type(e).__name__}: {e}"))
-                            continue
-                    if req.logprobs is not None:
-                        assert logits is not None and req.params.logprobs is not None
-                        req.logprobs.append(token_logprob(logits[i], tok, req.params.logprobs))
+                        if req.logprobs is not None:
+                            assert logits is not None and p.logprobs is not None
+                            lp = token_logprob(logits[i], tok, p.logprobs)
+                    except Exception as e:  # noqa: BLE001 - one request's fault ends only it
+                        log.exception("sampling request %s failed; it ends", req.request_id)
+                        failed.append((req, f"sampling failed: {type(e).__name__}: {e}"))
+                        continue
+                    if lp is not None:
+                        assert req.logprobs is not None
+                        req.logprobs.append(lp)
                     self._append_token(req, tok, now)
                     now_outputs.append(req.to_output())
                     self._publish(req)
@@ -714,6 +719,7 @@ class Engine:
         with self._lock:
             for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                 self.scheduler.finish(req, "abort")
+                req.new_ids = []
                 self._publish(req)
 
     # ------------------------------------------------------------------ reconfiguration

@@ -134,10 +134,14 @@ class TokenLogprob:
 
 
 def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
-    """Log-softmax of logits [vocab] (in float64) at `token`, and the `k` largest."""
+    """Log-softmax of logits [vocab] (in float64) at `token`, and the `k` largest. Non-finite
+    logits raise ValueError (an answer must not carry NaN)."""
     x = logits.astype(np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("the logits are not finite")
     m = np.max(x)
     lp = x - (m + np.log(np.sum(np.exp(x - m))))
+    k = min(k, x.shape[0])
     top: list[tuple[int, float]] = []
     if k > 0:
         idx = np.argpartition(-lp, k - 1)[:k]

@@ -1378,8 +1378,12 @@ class Frontend:
             name = "max_tokens"
             if chat and body.get("max_completion_tokens") is not None:
                 name = "max_completion_tokens"
+            if not chat and body.get("logprobs") is False:
+                body = {k: v for k, v in body.items() if k != "logprobs"}  # "off", as before
             if chat:
                 # Chat asks with logprobs: true and top_logprobs: k; completions with logprobs: k.
+                if body.get("logprobs") in (0, 1) and not isinstance(body["logprobs"], bool):
+                    body = {**body, "logprobs": bool(body["logprobs"])}
                 want = _bool_field(body, "logprobs", False)
                 top = _int_field(body, "top_logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
                 if top is not None and not want:
@@ -1586,6 +1590,7 @@ class Frontend:
 
         tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
         deltas = [TextDeltas(params.stop) for _ in gens]
+        lp_deltas = [LogprobDeltas() for _ in gens]
         finals: list[RequestOutput | None] = [None] * len(gens)
         try:
             while any(f is None for f in finals):
@@ -1595,7 +1600,7 @@ class Frontend:
                     return resp
                 assert out is not None
                 text = deltas[i].delta(out.text, out.finished)
-                new = _new_logprobs(out)
+                new = lp_deltas[i].take(out)
                 if text or out.finished or new:
                     await self._sse(
                         resp,
@@ -1608,7 +1613,7 @@ class Frontend:
                                 {
                                     "index": i,
                                     "text": text,
-                                    "logprobs": self._completion_logprobs(new),
+                                    "logprobs": self._completion_logprobs(new, lp_deltas[i]),
                                     "finish_reason": out.finish_reason if out.finished else None,
                                 }
                             ],
@@ -1661,6 +1666,7 @@ class Frontend:
                 ],
             }
 
+        lp_sent = LogprobDeltas()
         try:
             await self._sse(resp, chunk({"role": "assistant", "content": ""}, None))
             while True:
@@ -1670,7 +1676,7 @@ class Frontend:
                     await self._sse_error(resp, e)
                     return resp
                 text = deltas.delta(out.text, out.finished)
-                new = _new_logprobs(out)
+                new = lp_sent.take(out)
                 if text or new:
                     await self._sse(resp, chunk({"content": text}, None, self._chat_logprobs(new)))
                 if out.finished:
@@ -1692,19 +1698,27 @@ class Frontend:
         tok = self.engine.tokenizer
         return tok.decode([token_id]) if tok is not None else f"token_id:{token_id}"
 
-    def _completion_logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        """OpenAI completions' `logprobs` object for these tokens (None: not asked for)."""
+    def _completion_logprobs(
+        self, lps: list[TokenLogprob] | None, stream: LogprobDeltas | None = None
+    ) -> dict[str, Any] | None:
+        """OpenAI completions' `logprobs` object for these tokens (None: not asked for). In a
+        stream, text offsets go on from the pieces of earlier chunks (`stream` keeps count).
+        As in vLLM, top_logprobs holds the generated token too (up to k + 1 entries)."""
         if lps is None:
             return None
         tokens = [self._piece(t.token_id) for t in lps]
-        offsets, at = [], 0
+        offsets, at = [], stream.offset if stream is not None else 0
         for piece in tokens:
             offsets.append(at)
             at += len(piece)
+        if stream is not None:
+            stream.offset = at
         return {
             "tokens": tokens,
             "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [{self._piece(i): lp for i, lp in t.top} for t in lps],
+            "top_logprobs": [
+                {self._piece(i): lp for i, lp in [*t.top, (t.token_id, t.logprob)]} for t in lps
+            ],
             "text_offset": offsets,
         }
 
@@ -1741,11 +1755,24 @@ class Frontend:
         )
 
 
-def _new_logprobs(out: RequestOutput) -> list[TokenLogprob] | None:
-    """The log-probabilities of the tokens `out` added (None when the request asked for none)."""
-    if out.logprobs is None or not out.new_token_ids:
-        return None
-    return out.logprobs[len(out.logprobs) - len(out.new_token_ids) :]
+class LogprobDeltas:
+    """What of a request's log-probabilities a stream has sent: each chunk carries those of
+    the tokens since the last (so an abort's or a drain's final output repeats none), and
+    completions' text offsets go on from there.
+
+    They may run ahead of the chunk's text, which TextDeltas holds back at a stop string's
+    possible start or an incomplete character (as in vLLM)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.offset = 0
+
+    def take(self, out: RequestOutput) -> list[TokenLogprob] | None:
+        if out.logprobs is None or len(out.logprobs) <= self.sent:
+            return None
+        new = out.logprobs[self.sent :]
+        self.sent = len(out.logprobs)
+        return new
 
 
 def _op_id(index: int) -> str:

@@ -212,6 +212,16 @@ def test_preemption_under_a_small_pool_keeps_tokens(tiny, tiny_ref):
     assert sum(o.metrics.preemptions for o in outs) == engine.scheduler.num_preemptions
     assert all(o.finish_reason == "length" for o in outs)
     _assert_idle(engine)
+    # With log-probabilities: one per token through the preemptions, as a large pool gives.
+    lp = SamplingParams(max_tokens=N_NEW, ignore_eos=True, logprobs=2)
+    before = engine.scheduler.num_preemptions
+    small = llm.generate([TINY_PROMPTS[i] for i in picks], lp)
+    assert engine.scheduler.num_preemptions > before
+    large = LLM(tiny, plan=[6], **TINY_OPTIONS).generate([TINY_PROMPTS[i] for i in picks], lp)
+    for a, b in zip(small, large, strict=True):
+        assert a.token_ids == b.token_ids and a.logprobs is not None and b.logprobs is not None
+        assert [t.token_id for t in a.logprobs] == a.token_ids
+        np.testing.assert_allclose([t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs], atol=1e-5)
 
 
 

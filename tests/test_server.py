@@ -42,10 +42,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelive_jax.serving.engine import Engine
-from pipelive_jax.serving.sampling import SamplingParams
+from pipelive_jax.serving.request import RequestMetrics, RequestOutput
+from pipelive_jax.serving.sampling import SamplingParams, TokenLogprob
 from pipelive_jax.serving.server import (
     GENERATE_KEYS,
     BackgroundServer,
+    LogprobDeltas,
     ServerOptions,
     TextDeltas,
     create_app,
@@ -839,14 +841,20 @@ def test_logprobs_in_completions_chat_streams_and_rpc(srv, openai_client):
     c = openai_client.completions.create(logprobs=2, **common)
     lp = c.choices[0].logprobs
     np.testing.assert_allclose(lp.token_logprobs, want, rtol=0, atol=1e-6)
-    assert len(lp.tokens) == 5 and all(len(d) <= 2 for d in lp.top_logprobs)
+    assert len(lp.tokens) == 5 and all(len(d) <= 3 for d in lp.top_logprobs)
+    assert all(tok in d for tok, d in zip(lp.tokens, lp.top_logprobs, strict=True))  # + the token
     # Pieces decode one token each (a lone byte of a multi-byte character reads U+FFFD).
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
-    streamed = [
-        v for ch in openai_client.completions.create(logprobs=2, stream=True, **common)
-        if ch.choices and ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs
+    chunks = [
+        ch.choices[0].logprobs
+        for ch in openai_client.completions.create(logprobs=2, stream=True, **common)
+        if ch.choices and ch.choices[0].logprobs
     ]
+    streamed = [v for c_ in chunks for v in c_.token_logprobs]
     np.testing.assert_allclose(streamed, want, rtol=0, atol=1e-6)
+    assert [o for c_ in chunks for o in c_.text_offset] == lp.text_offset  # offsets go on
+    off = openai_client.completions.create(**{**common, "extra_body": {"ignore_eos": True, "logprobs": False}})
+    assert off.choices[0].logprobs is None  # false is "off", as before
     assert openai_client.completions.create(**common).choices[0].logprobs is None
 
     msgs = [{"role": "user", "content": "hi"}]
@@ -883,6 +891,18 @@ def test_penalties_reach_the_engine(srv, openai_client):
     )  # fmt: skip
     assert c.choices[0].token_ids == rpc_out["token_ids"] != plain["token_ids"]
     assert error(srv, "generate", {"prompt_token_ids": ids, "repetition_penalty": 0})["code"] == -32602
+
+
+def test_logprob_deltas_send_each_token_once():
+    def out(lps: list[TokenLogprob], new: list[int]) -> RequestOutput:
+        return RequestOutput("r", [1], [t.token_id for t in lps], "", False, None, RequestMetrics(0.0), new, None, lps)
+
+    a, b = TokenLogprob(5, -0.1, []), TokenLogprob(6, -0.2, [])
+    d = LogprobDeltas()
+    assert d.take(out([a], [5])) == [a]
+    assert d.take(out([a, b], [6])) == [b]
+    assert d.take(out([a, b], [6])) is None  # an abort's final output: nothing new
+    assert LogprobDeltas().take(RequestOutput("r", [1], [], "", False, None, RequestMetrics(0.0))) is None
 
 
 def test_text_deltas_hold_back_what_may_change():
