@@ -48,7 +48,7 @@ from pipelive_jax.serving.pipeline import (
     place_stage_params,
     start_compile_thread,
 )
-from pipelive_jax.serving.request import Request, RequestOutput
+from pipelive_jax.serving.request import Request, RequestOutput, text_problem
 from pipelive_jax.serving.sampling import (
     SamplingParams,
     apply_penalties,
@@ -342,13 +342,8 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer: give prompt token ids")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RequestError(
-                    f"prompt is not valid text: {e.reason} at character {e.start} "
-                    f"({prompt[e.start : e.end]!r})"
-                ) from None
+            if (problem := text_problem(prompt)) is not None:
+                raise RequestError(f"prompt is not valid text: {problem}")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list | tuple | np.ndarray):
             ids = [int(t) for t in prompt]
@@ -376,10 +371,16 @@ class Engine:
             req = self.requests.get(request_id)
             if req is None or req.finished:
                 return False
-            self.scheduler.finish(req, "abort")
-            req.new_ids = []  # this output adds no token
-            self._publish(req)
+            self._end(req, "abort")
             return True
+
+    def _end(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Finishes `req` outside a step's sampling ("abort", "error"): its pages are freed at
+        once and its subscribers get an output that adds no token."""
+        self.scheduler.finish(req, reason)
+        req.new_ids = []
+        req.error = error
+        self._publish(req)
 
     def get_output(self, request_id: str) -> RequestOutput:
         """The request's output so far; RequestError if the id is unknown or long finished."""
@@ -462,9 +463,7 @@ class Engine:
                     self._publish(req)
         # Else the step would fail again on every retry, and every other request with it.
         for req, why in failed:
-            self.scheduler.finish(req, "error")  # frees its pages
-            req.error = why
-            self._publish(req)
+            self._end(req, "error", why)
             now_outputs.append(req.to_output())
         return now_outputs
 
@@ -691,13 +690,12 @@ class Engine:
             try:
                 if self.has_unfinished():
                     ran = self.step()
-                    self.loop_errors_in_a_row = 0
                     if not ran and not self.scheduler.has_unfinished():
                         time.sleep(0.002)  # only a reconfiguration in flight: let its thread work
                 else:
-                    self.loop_errors_in_a_row = 0  # nothing to run is nothing failing
                     self._wake.wait(0.05)
                     self._wake.clear()
+                self.loop_errors_in_a_row = 0  # a step ran through, or nothing is left to fail
             except Exception as e:  # noqa: BLE001 - the loop of a server must survive a bad step
                 self.loop_errors += 1
                 self.loop_errors_in_a_row += 1
@@ -718,9 +716,7 @@ class Engine:
             self._thread = None
         with self._lock:
             for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-                self.scheduler.finish(req, "abort")
-                req.new_ids = []
-                self._publish(req)
+                self._end(req, "abort")
 
     # ------------------------------------------------------------------ reconfiguration
 

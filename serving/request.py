@@ -54,6 +54,16 @@ class RequestMetrics:
         return self.finished_time - self.arrival_time
 
 
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be tokenized (a lone surrogate, which JSON can carry: "\\ud800"), or
+    None. The tokenizer would fail with a TypeError that names nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason} at character {e.start} ({text[e.start : e.end]!r})"
+    return None
+
+
 @dataclass
 class RequestOutput:
     """A snapshot of one request, returned by `Engine.step`, `Engine.stream` and `LLM.generate`.

@@ -69,6 +69,7 @@ from pipelive_jax.errors import (
     ReconfigError,
     RequestError,
 )
+from pipelive_jax.serving.request import text_problem
 from pipelive_jax.serving.rpc_client import TOKEN_ENV, default_token_path
 from pipelive_jax.serving.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
@@ -1852,14 +1853,10 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
             content = "".join(parts)
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}]: {bad}", param="messages")
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError as e:
+        if (problem := text_problem(content)) is not None:
             raise ApiError(
-                400,
-                f"messages[{i}]: content is not valid text: {e.reason} at character {e.start}",
-                param="messages",
-            ) from None
+                400, f"messages[{i}]: content is not valid text: {problem}", param="messages"
+            )
         # OpenAI's "developer" is the system prompt of newer models; the templates know "system".
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": content})
