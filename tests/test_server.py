@@ -787,12 +787,17 @@ def test_health_is_503_while_engine_steps_fail_and_ok_once_they_run(srv):
     def broken(_eng: Any) -> None:
         raise RuntimeError("device lost")
 
-    engine.step_hooks.append(broken)
-    try:
-        rid = engine.add_request([9, 10], SamplingParams(max_tokens=3, ignore_eos=True))
+    def failing_request(ids: list[int]) -> str:
+        """Adds a request with `broken` in the loop; returns once 3 steps in a row failed."""
+        engine.step_hooks.append(broken)
+        rid = engine.add_request(ids, SamplingParams(max_tokens=3, ignore_eos=True))
         deadline = time.monotonic() + 30
         while engine.loop_errors_in_a_row < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
+        return rid
+
+    try:
+        rid = failing_request([9, 10])
         status, _, raw = http(srv.url + "/health")
         doc = json.loads(raw)
         assert status == 503 and doc["status"] == "engine steps failing", doc
@@ -808,12 +813,8 @@ def test_health_is_503_while_engine_steps_fail_and_ok_once_they_run(srv):
     assert status == 200 and json.loads(raw)["status"] == "ok"
 
     # Failing steps whose request then goes (aborted): nothing is failing any more.
-    engine.step_hooks.append(broken)
     try:
-        rid = engine.add_request([9, 11], SamplingParams(max_tokens=3, ignore_eos=True))
-        deadline = time.monotonic() + 30
-        while engine.loop_errors_in_a_row < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        rid = failing_request([9, 11])
         assert http(srv.url + "/health")[0] == 503
         engine.abort(rid)
         deadline = time.monotonic() + 30
